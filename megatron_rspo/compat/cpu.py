@@ -1,0 +1,133 @@
+"""Every CPU/gloo patch of megatron-core, in one place.
+
+Written against megatron-core 0.16.1. Each patch is a named function, applied only when CUDA is
+absent (``apply_cpu_patches`` is a no-op on a GPU machine), idempotent, and covered by
+``tests/test_compat_cpu.py``. No other module of megatron_rspo patches Megatron or torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_APPLIED: dict[str, bool] = {}
+
+
+def _patch(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Register a patch function under ``name``; applying it twice is a no-op."""
+
+    def deco(fn: Callable[[], None]) -> Callable[[], None]:
+        def wrapped() -> None:
+            if _APPLIED.get(name):
+                return
+            fn()
+            _APPLIED[name] = True
+
+        wrapped.__name__ = fn.__name__
+        wrapped.__doc__ = fn.__doc__
+        PATCHES[name] = wrapped
+        return wrapped
+
+    return deco
+
+
+PATCHES: dict[str, Callable[[], None]] = {}
+
+
+@_patch("cuda_current_device_is_cpu")
+def patch_current_device() -> None:
+    """megatron-core 0.16.1 allocates buffers with ``device=torch.cuda.current_device()``
+    (GlobalMemoryBuffer for attention, tensor_parallel.mappings all-gathers, p2p shape exchange,
+    Router.gating moving its weight "to GPU"). Without CUDA, "the current device" is the CPU."""
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's CudaRNGStatesTracker that forks the CPU generator instead.
+
+    Named states (data-parallel, model-parallel, expert-parallel) get their own seeds exactly as
+    ``model_parallel_cuda_manual_seed`` computes them, so dropout stays reproducible per TP/EP rank.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        self.states_[name] = gen.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+@_patch("cpu_rng_tracker")
+def patch_rng_tracker() -> None:
+    """megatron-core 0.16.1 ``tensor_parallel.random`` tracks CUDA generator states
+    (``torch.cuda.get_rng_state``/``manual_seed``); use a tracker over the CPU generator, and make
+    ``model_parallel_cuda_manual_seed``'s ``torch.cuda.manual_seed`` seed the CPU generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker  # used by initialize_rng_tracker
+    mrandom.initialize_rng_tracker(force_reset=True)
+    torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]  # CPU seed is set by caller
+
+
+@_patch("te_general_gemm_none")
+def patch_te_general_gemm() -> None:
+    """Without transformer-engine, megatron-core 0.16.1 ``moe_utils`` never defines
+    ``te_general_gemm`` yet ``RouterGatingLinearFunction`` reads it (NameError). Define it as None
+    so the plain matmul path runs."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply_cpu_patches(force: bool = False) -> list[str]:
+    """Apply every patch when CUDA is absent (or ``force``). Returns the names applied."""
+    if cuda_available() and not force:
+        return []
+    for fn in PATCHES.values():
+        fn()
+    log.debug("megatron-core CPU patches applied: %s", sorted(PATCHES))
+    return sorted(PATCHES)

@@ -1,0 +1,163 @@
+"""Build the policy: a Megatron-Core GPTModel with MoE layers whose routers are RecordingTopKRouter.
+
+The local spec runs everywhere (CPU included); the transformer-engine spec is used when TE is
+installed and ``--transformer-impl`` is ``auto`` or ``transformer_engine``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+
+from megatron_rspo.compat.cpu import apply_cpu_patches, cuda_available
+from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig, validate
+from megatron_rspo.model.routing import RecordingTopKRouter
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's parallel groups.
+
+    Works without a launcher (single process) and under torchrun/srun (reads the env vars).
+    """
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if cuda_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda_available() else "gloo", rank=rank, world_size=world)
+    apply_cpu_patches()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """Megatron TransformerConfig for our ModelConfig (CPU-safe fusions off without CUDA)."""
+    on_gpu = cuda_available()
+    dtype = torch.bfloat16 if model.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+        moe_layer_freq=model.moe_layer_freq,
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        moe_grouped_gemm=False,
+        moe_router_dtype="fp32",
+        qk_layernorm=model.qk_layernorm,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=torch.nn.functional.silu if model.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=False,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=model.bf16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    if model.transformer_impl == "local":
+        return False
+    if model.transformer_impl == "transformer_engine":
+        if not te_available():
+            raise ConfigError("--transformer-impl transformer_engine, but transformer-engine is not installed")
+        return True
+    return te_available() and cuda_available()
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig) -> GPTModel:
+    """The GPTModel of this rank (its pipeline stage), with recording routers.
+
+    Parallel state must be initialised (``init_distributed``).
+    """
+    if model.vocab_size <= 0:
+        raise ConfigError("--vocab-size is unset (take it from the tokenizer)")
+    validate(model, parallel, dist.get_world_size() if dist.is_initialized() else 1)
+    config = transformer_config(model, parallel)
+    use_te = use_transformer_engine(model)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=model.normalization)
+    moe_numbers = model.moe_layer_numbers()
+    for spec in block.layer_specs:
+        mlp = spec.submodules.mlp
+        if isinstance(getattr(mlp, "submodules", None), MoESubmodules):
+            mlp.submodules = replace(mlp.submodules, router=RecordingTopKRouter)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_base=model.rotary_base,
+    )
+    for r in gpt.modules():
+        if isinstance(r, RecordingTopKRouter):
+            r.moe_index = moe_numbers.index(r.layer_number)
+    if cuda_available():
+        gpt.cuda()
+    return gpt
+
+
+def num_moe_layers(model: ModelConfig) -> int:
+    return len(model.moe_layer_numbers())
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
