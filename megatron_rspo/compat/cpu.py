@@ -8,7 +8,9 @@ absent (``apply_cpu_patches`` is a no-op on a GPU machine), idempotent, and cove
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import types
 from collections.abc import Callable
 
 import torch
@@ -117,6 +119,75 @@ def patch_te_general_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+_FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "as_tensor"})
+
+
+class _CudaLiteralToCpuTorch(types.ModuleType):
+    """Stands in for ``torch`` inside a Megatron module: tensor factories called with a literal
+    ``device="cuda"`` get ``device="cpu"``; everything else is torch itself."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        attr = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+# Modules of megatron-core 0.16.1 that create tensors with a literal device="cuda".
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",  # FP32Optimizer._scale, found_inf, ...
+    "megatron.core.optimizer.clip_grads",  # total_norm_cuda, dummy_overflow_buf
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens
+    "megatron.core.distributed.param_and_grad_buffer",  # warm-up tensor
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex)
+)
+
+
+@_patch("cuda_device_literals_to_cpu")
+def patch_cuda_literals() -> None:
+    """megatron-core 0.16.1 hard-codes ``device="cuda"`` in the optimizer, grad clipping, pipeline
+    schedules and grad buffers; give those modules a ``torch`` whose factories map it to the CPU."""
+    for name in _CUDA_LITERAL_MODULES:
+        importlib.import_module(name).torch = _CudaLiteralToCpuTorch()
+
+
+@_patch("cpu_clip_grad_by_total_norm")
+def patch_clip_grad() -> None:
+    """megatron-core 0.16.1 ``clip_grad_by_total_norm_fp32`` asserts every grad is a
+    ``torch.cuda.FloatTensor``; same scaling (max_norm / (total_norm + 1e-6) when < 1) for CPU grads."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@_patch("cuda_synchronize_noop")
+def patch_synchronize() -> None:
+    """megatron-core 0.16.1 calls ``torch.cuda.synchronize``/``empty_cache`` in p2p communication,
+    DDP and the optimizer; on CPU there is nothing to wait for or free."""
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
 
 
 def cuda_available() -> bool:
