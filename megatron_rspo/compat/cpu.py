@@ -151,6 +151,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # total_num_tokens
     "megatron.core.distributed.param_and_grad_buffer",  # warm-up tensor
     "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex)
+    "megatron.core.transformer.utils",  # get_default_causal_mask (attention_mask=None)
 )
 
 
