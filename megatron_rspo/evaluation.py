@@ -1,0 +1,39 @@
+"""Held-out evaluation by sampling (greedy by default): accuracy and mean reward on a task."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_rspo.rollout.generate import SamplingParams, generate
+from megatron_rspo.tasks import countdown
+from megatron_rspo.tokenizer import Tokenizer
+
+
+def decode_responses(tok: Tokenizer, tokens: torch.Tensor, prompt_lens: torch.Tensor,
+                     response_lens: torch.Tensor) -> list[str]:
+    out = []
+    for row, p, r in zip(tokens.tolist(), prompt_lens.tolist(), response_lens.tolist()):
+        out.append(tok.decode([t for t in row[p: p + r] if t != tok.eos_id]))
+    return out
+
+
+def evaluate_countdown(model: torch.nn.Module, tok: Tokenizer, instances: list[countdown.CountdownInstance],
+                       template: str, max_new_tokens: int, batch_size: int = 128,
+                       temperature: float = 0.0) -> dict[str, float]:
+    """Sample one answer per instance; returns accuracy (full score), mean reward, mean length."""
+    rewards, lengths = [], []
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    for start in range(0, len(instances), batch_size):
+        chunk = instances[start: start + batch_size]
+        prompts = [tok.encode(countdown.format_prompt(inst, template)) for inst in chunk]
+        ro = generate(model, prompts, params, eos_id=tok.eos_id, pad_id=tok.pad_id, record_routing=False)
+        texts = decode_responses(tok, ro.tokens, ro.prompt_lens, ro.response_lens)
+        for inst, text in zip(chunk, texts):
+            rewards.append(countdown.countdown_reward(countdown.response_for_scoring(text, template), inst))
+        lengths.extend(ro.response_lens.tolist())
+    n = max(len(rewards), 1)
+    return {
+        "accuracy": sum(r >= 1.0 for r in rewards) / n,
+        "reward_mean": sum(rewards) / n,
+        "response_length": sum(lengths) / n,
+    }
