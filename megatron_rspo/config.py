@@ -198,6 +198,8 @@ def validate(model: ModelConfig, parallel: ParallelConfig, world_size: int = 1) 
         errors.append("--moe-router-pre-softmax only applies to --moe-router-score-function softmax")
     if model.moe_router_enable_expert_bias and model.moe_router_score_function != "sigmoid":
         errors.append("--moe-router-enable-expert-bias requires --moe-router-score-function sigmoid")
+    if model.moe_router_load_balancing_type == "sinkhorn":
+        errors.append("--moe-router-load-balancing-type sinkhorn is not supported (routing records need top-k)")
     if model.moe_shared_expert_gate and model.moe_shared_expert_intermediate_size is None:
         errors.append("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
     if world_size % (tp * pp):

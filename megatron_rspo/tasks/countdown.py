@@ -79,16 +79,26 @@ _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
 def _norm(v: Value) -> Value:
-    return v.numerator if isinstance(v, Fraction) and v.denominator == 1 else v
+    return v.numerator if type(v) is Fraction and v.denominator == 1 else v
 
 
-def _penalty(v: Value) -> int:
-    return _BAD if isinstance(v, Fraction) or v <= 0 else 0
+def _div(a: Value, b: Value) -> Value:
+    if type(a) is int and type(b) is int:
+        return a // b if a % b == 0 else Fraction(a, b)
+    return _norm(Fraction(a) / b)
 
 
 def _combine(left: dict, right: dict, out: dict) -> None:
+    """Every (a op b) for a in left, b in right into ``out``, keeping the cheapest tree per value."""
+
     def put(v: Value, cost: int, node: tuple) -> None:
-        cost += _penalty(v)
+        if type(v) is Fraction:  # int op Fraction gives a Fraction even when integral
+            if v.denominator == 1:
+                v = v.numerator
+            else:
+                cost += _BAD
+        elif v <= 0:
+            cost += _BAD
         old = out.get(v)
         if old is None or cost < old[0]:
             out[v] = (cost, node)
@@ -101,31 +111,83 @@ def _combine(left: dict, right: dict, out: dict) -> None:
             put(a - b, c + _SUB, ("-", na, nb))
             put(b - a, c + _SUB, ("-", nb, na))
             if b != 0:
-                put(a // b if type(a) is int and type(b) is int and a % b == 0 else _norm(Fraction(a) / b),
-                    c + _DIV, ("/", na, nb))
+                put(_div(a, b), c + _DIV, ("/", na, nb))
             if a != 0:
-                put(b // a if type(a) is int and type(b) is int and b % a == 0 else _norm(Fraction(b) / a),
-                    c + _DIV, ("/", nb, na))
+                put(_div(b, a), c + _DIV, ("/", nb, na))
 
 
-@functools.lru_cache(maxsize=8192)
+def _combine_into_range(left: dict, right: dict, out: dict, lo: int, hi: int) -> None:
+    """Like ``_combine`` but only keeps integer results in [lo, hi] (the last step of generation),
+    skipping the Fraction work for results that cannot be integers."""
+
+    def put(v: Value, cost: int, node: tuple) -> None:
+        if type(v) is Fraction:
+            if v.denominator != 1:
+                return
+            v = v.numerator
+        if lo <= v <= hi:
+            old = out.get(v)
+            if old is None or cost < old[0]:
+                out[v] = (cost, node)
+
+    for a, (ca, na) in left.items():
+        for b, (cb, nb) in right.items():
+            c = ca + cb
+            if type(a) is int and type(b) is int:
+                put(a + b, c, ("+", na, nb))
+                put(a * b, c, ("*", na, nb))
+                put(a - b, c + _SUB, ("-", na, nb))
+                put(b - a, c + _SUB, ("-", nb, na))
+                if b != 0 and a % b == 0:
+                    put(a // b, c + _DIV, ("/", na, nb))
+                if a != 0 and b % a == 0:
+                    put(b // a, c + _DIV, ("/", nb, na))
+                continue
+            if type(a) is Fraction and type(b) is Fraction:  # int +- non-integer is never an integer
+                put(a + b, c, ("+", na, nb))
+                put(a - b, c + _SUB, ("-", na, nb))
+                put(b - a, c + _SUB, ("-", nb, na))
+            put(a * b, c, ("*", na, nb))
+            if b != 0:
+                put(Fraction(a) / b, c + _DIV, ("/", na, nb))
+            if a != 0:
+                put(Fraction(b) / a, c + _DIV, ("/", nb, na))
+
+
+def _splits(numbers: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each unordered split of a sorted multiset into two non-empty sorted parts, once, in a fixed order."""
+    n, seen, out = len(numbers), set(), []
+    for mask in range(1, 1 << (n - 1)):  # the last element always goes right: each split once
+        left = tuple(x for i, x in enumerate(numbers) if mask >> i & 1)
+        right = tuple(x for i, x in enumerate(numbers) if not mask >> i & 1)
+        if (left, right) not in seen and (right, left) not in seen:
+            seen.add((left, right))
+            out.append((left, right))
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 15)
 def _solution_table(numbers: tuple[int, ...]) -> dict[Value, tuple[int, Node]]:
-    """All values reachable using every number exactly once -> (cost, cheapest expression tree)."""
-    n = len(numbers)
-    tables: list[dict] = [{} for _ in range(1 << n)]
-    for i, x in enumerate(numbers):
-        tables[1 << i] = {x: (0, x)}
-    for mask in range(1, 1 << n):  # submasks are numerically smaller, hence already filled
-        if mask & (mask - 1) == 0:
-            continue
-        low, out = mask & -mask, {}
-        sub = (mask - 1) & mask
-        while sub:
-            if sub & low:  # each unordered split once (the part holding the lowest bit goes left)
-                _combine(tables[sub], tables[mask ^ sub], out)
-            sub = (sub - 1) & mask
-        tables[mask] = out
-    return tables[-1]
+    """All values reachable from a sorted multiset using every number exactly once -> (cost, cheapest
+    tree). Sub-multisets are cached, so instances sharing e.g. a triple share its table."""
+    if len(numbers) == 1:
+        return {numbers[0]: (0, numbers[0])}
+    out: dict = {}
+    for left, right in _splits(numbers):
+        _combine(_solution_table(left), _solution_table(right), out)
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _range_table(numbers: tuple[int, ...], lo: int, hi: int) -> dict[int, tuple[int, Node]]:
+    """The integer entries of ``_solution_table(numbers)`` within [lo, hi], computed without building
+    the full top-level table (same costs and tie order, hence the same canonical solutions)."""
+    if len(numbers) == 1:
+        return {numbers[0]: (0, numbers[0])} if lo <= numbers[0] <= hi else {}
+    out: dict = {}
+    for left, right in _splits(numbers):
+        _combine_into_range(_solution_table(left), _solution_table(right), out, lo, hi)
+    return out
 
 
 def _render(node: Node) -> tuple[str, int]:
@@ -145,12 +207,6 @@ def solve(numbers: Sequence[int], target: Value) -> str | None:
     """A canonical equation using each number exactly once that equals ``target``, or None."""
     entry = _solution_table(tuple(sorted(numbers))).get(_norm(Fraction(target)))
     return None if entry is None else _render(entry[1])[0]
-
-
-@functools.lru_cache(maxsize=8192)
-def _reachable_targets(numbers: tuple[int, ...], lo: int, hi: int) -> tuple[int, ...]:
-    table = _solution_table(numbers)
-    return tuple(sorted(v for v in table if type(v) is int and lo <= v <= hi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,15 +237,14 @@ def generate_instances(
         k = rng.choice(cfg.num_numbers)
         nums = [rng.randint(cfg.min_number, cfg.max_number) for _ in range(k)]
         key_nums = tuple(sorted(nums))
-        targets = _reachable_targets(key_nums, cfg.min_target, cfg.max_target)
-        if not targets:
+        table = _range_table(key_nums, cfg.min_target, cfg.max_target)
+        if not table:
             continue
-        target = rng.choice(targets)
+        target = rng.choice(sorted(table))
         if (key_nums, target) in seen:
             continue
         seen.add((key_nums, target))
-        solution = solve(key_nums, target)
-        assert solution is not None  # target came from the same table
+        solution = _render(table[target][1])[0]
         out.append(CountdownInstance(list(key_nums) if cfg.sorted_numbers else nums, target, solution))
     return out
 

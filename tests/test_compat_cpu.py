@@ -1,0 +1,90 @@
+"""Each CPU patch of megatron_rspo.compat.cpu is applied, idempotent, and does its job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_rspo.compat import cpu
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches apply only without CUDA")
+
+
+def test_every_patch_applied_and_idempotent():
+    names = cpu.apply_cpu_patches()
+    assert names == sorted(cpu.PATCHES)
+    assert cpu.apply_cpu_patches() == names  # second call changes nothing
+    assert all(cpu._APPLIED[n] for n in names)
+
+
+def test_current_device_is_cpu():
+    cpu.apply_cpu_patches()
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+
+
+def test_rng_tracker_forks_cpu_generator_reproducibly():
+    cpu.apply_cpu_patches()
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    assert isinstance(tracker, cpu.CpuRNGStatesTracker)
+    tracker.reset()
+    tracker.add("model-parallel-rng", 123)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # default stream untouched
+    with tracker.fork():
+        b = torch.rand(3)
+    assert not torch.equal(a, b)  # the forked stream advanced
+    tracker.reset()
+    tracker.add("model-parallel-rng", 123)
+    with tracker.fork():
+        assert torch.equal(torch.rand(3), a)  # same seed, same numbers
+    with pytest.raises(RuntimeError):
+        tracker.add("other", 123)  # seeds are unique
+
+
+def test_te_general_gemm_defined_and_router_linear_runs():
+    cpu.apply_cpu_patches()
+    from megatron.core.transformer.moe import moe_utils
+
+    assert moe_utils.te_general_gemm is None
+    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    torch.testing.assert_close(moe_utils.router_gating_linear(x, w, None, torch.float32), x @ w.T)
+
+
+def test_cuda_literals_map_to_cpu():
+    cpu.apply_cpu_patches()
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    mask = get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask[0, 1] and not mask[1, 0]
+    from megatron.core.optimizer import clip_grads
+
+    assert clip_grads.torch.zeros(1, device="cuda").device.type == "cpu"
+    assert clip_grads.torch.float32 is torch.float32  # everything else is torch itself
+
+
+def test_clip_grad_by_total_norm_scales_cpu_grads():
+    cpu.apply_cpu_patches()
+    from megatron.core.optimizer import clip_grads
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=5.0)
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-6, rtol=0)
+    clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=10.0, total_norm=1.0)  # no-op when below
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_synchronize_is_noop():
+    cpu.apply_cpu_patches()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def test_patches_skipped_when_cuda_present(monkeypatch):
+    monkeypatch.setattr(cpu, "cuda_available", lambda: True)
+    assert cpu.apply_cpu_patches() == []
