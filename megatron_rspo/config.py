@@ -91,6 +91,7 @@ class RunConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: int = 0  # 0: save at the end only
+    keep_last: Optional[int] = None  # keep only the newest N complete checkpoints
     tensorboard_dir: Optional[str] = None
     log_interval: int = 10
     eval_interval: int = 0

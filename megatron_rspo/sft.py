@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,8 +21,15 @@ from megatron.core import parallel_state
 
 from megatron_rspo import checkpoint
 from megatron_rspo.config import (
-    ModelConfig, OptimConfig, ParallelConfig, RunConfig, add_dataclass_args, from_args, validate,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    add_dataclass_args,
+    from_args,
+    validate,
 )
+from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
 from megatron_rspo.evaluation import evaluate_countdown
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
@@ -61,7 +67,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width - 1))
-    for i, ((p, c), s) in enumerate(zip(examples, seqs)):
+    for i, ((p, _c), s) in enumerate(zip(examples, seqs)):
         tokens[i, : len(s)] = torch.tensor(s)
         mask[i, len(p) - 1: len(s) - 1] = 1.0  # label j+1 is predicted at position j
     return {"tokens": tokens, "loss_mask": mask}
@@ -80,24 +86,6 @@ def sft_forward_step(data_iterator, model, loss_scale: float, global_tokens: flo
         return loss * loss_scale, {"nll_sum": nll_sum.detach().clone(), "tokens": mask.sum().detach()}
 
     return logits, loss_func
-
-
-class ShuffledStream:
-    """Endless epoch-shuffled stream of items for one data-parallel rank; its position is resumable."""
-
-    def __init__(self, n: int, seed: int, rank: int, world: int) -> None:
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.position = 0  # items consumed by all ranks together
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        for _ in range(k):
-            epoch, offset = divmod(self.position + self.rank, self.n)
-            order = list(range(self.n))
-            random.Random(self.seed + epoch).shuffle(order)
-            out.append(order[offset])
-            self.position += self.world
-        return out
 
 
 def build_parser() -> argparse.ArgumentParser:
