@@ -92,14 +92,17 @@ def expert_load_stats(
 class CollapseDetector:
     """Warns when a scalar (clip fraction, IS-ratio std, ...) bursts above its rolling baseline.
 
-    ``update(name, value)`` returns True when, with at least ``min_history`` earlier values of ``name``,
-    value > mean + k·std of the last ``window`` earlier values AND value − mean > ``min_margin`` (so a
-    flat baseline with ~0 std does not fire on noise). Every value joins the history afterwards, so a
-    lasting level shift is absorbed after about ``window`` steps. A non-finite value always fires (and is
-    not recorded). State is a plain dict (checkpointable).
+    ``update(name, value)`` returns True when, with at least ``min_history`` (default min(5, window))
+    earlier values of ``name``, value > mean + k·std of the last ``window`` earlier values AND
+    value − mean > ``min_margin`` (so a flat baseline with ~0 std does not fire on noise). Every value
+    joins the history afterwards, so a lasting level shift is absorbed after about ``window`` steps.
+    A non-finite value always fires (and is not recorded). State is a plain dict (checkpointable).
     """
 
-    def __init__(self, window: int = 20, k: float = 4.0, min_margin: float = 0.05, min_history: int = 5) -> None:
+    def __init__(
+        self, window: int = 20, k: float = 4.0, min_margin: float = 0.05, min_history: int | None = None
+    ) -> None:
+        min_history = min(5, window) if min_history is None else min_history
         if window < 2 or min_history < 2 or min_history > window:
             raise ValueError(f"need 2 <= min_history <= window, got window={window}, min_history={min_history}")
         self.window, self.k, self.min_margin, self.min_history = window, float(k), float(min_margin), min_history
