@@ -16,8 +16,15 @@ PROMPTS = [[5, 9, 13, 2, 7, 30, 41], [3, 4], [17, 22, 8, 50, 11], [60, 61, 62, 6
 
 @pytest.fixture
 def model(megatron_single_rank):
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_experts=4, moe_router_topk=2,
-                      transformer_impl="local", init_method_std=0.2)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_layers=2,
+        num_experts=4,
+        moe_router_topk=2,
+        transformer_impl="local",
+        init_method_std=0.2,
+    )
     m = megatron_single_rank(cfg, seed=3)
     m.train()  # generate() must switch to eval and restore this
     return m
@@ -132,8 +139,14 @@ def test_sampling_reproducible_with_generator(model):
 
 def test_tiny_top_p_is_greedy(model):
     greedy = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0), EOS, PAD)
-    tiny = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6), EOS, PAD,
-                    generator=torch.Generator().manual_seed(0))
+    tiny = generate(
+        model,
+        PROMPTS,
+        SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6),
+        EOS,
+        PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(greedy.tokens, tiny.tokens)
 
 

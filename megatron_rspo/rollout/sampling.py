@@ -70,5 +70,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
         return logits.argmax(dim=-1)
     logits = truncate_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # Draw on the generator's device (a CPU generator may drive a GPU rollout), then move.
+    draw_device = generator.device if generator is not None else probs.device
+    race = torch.empty(probs.shape, device=draw_device).exponential_(1.0, generator=generator).to(probs.device)
     return (probs / race).argmax(dim=-1)
