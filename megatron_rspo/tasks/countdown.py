@@ -67,10 +67,7 @@ class CountdownConfig:
             raise ValueError(f"bad target range [{self.min_target}, {self.max_target}]")
 
 
-# ----------------------------------------------------------------------------------------------
-# Solver: exhaustive search over all operator trees, one dynamic-programming table per subset.
-# ----------------------------------------------------------------------------------------------
-
+# --- Solver: exhaustive search over all operator trees, one DP table per sub-multiset ---
 # Cost of an expression, additive over nodes, so keeping the cheapest expression per value in each
 # subset is exact. Lexicographic preference: fewest negative/fractional/zero intermediates, then
 # fewest divisions, then fewest subtractions; ties go to the first found (deterministic order).
@@ -117,41 +114,49 @@ def _combine(left: dict, right: dict, out: dict) -> None:
 
 
 def _combine_into_range(left: dict, right: dict, out: dict, lo: int, hi: int) -> None:
-    """Like ``_combine`` but only keeps integer results in [lo, hi] (the last step of generation),
-    skipping the Fraction work for results that cannot be integers."""
+    """Like ``_combine`` but only keeps integer results in [lo, hi] (the last step of generation, its
+    hot loop): integer arithmetic throughout, and results that cannot be integers are skipped."""
 
-    def put(v: Value, cost: int, node: tuple) -> None:
-        if type(v) is Fraction:
-            if v.denominator != 1:
-                return
-            v = v.numerator
+    def keep(v: int, cost: int, node: tuple) -> None:
         if lo <= v <= hi:
             old = out.get(v)
             if old is None or cost < old[0]:
                 out[v] = (cost, node)
 
     for a, (ca, na) in left.items():
+        a_int = type(a) is int
         for b, (cb, nb) in right.items():
             c = ca + cb
-            if type(a) is int and type(b) is int:
-                put(a + b, c, ("+", na, nb))
-                put(a * b, c, ("*", na, nb))
-                put(a - b, c + _SUB, ("-", na, nb))
-                put(b - a, c + _SUB, ("-", nb, na))
+            if a_int and type(b) is int:
+                keep(a + b, c, ("+", na, nb))
+                keep(a * b, c, ("*", na, nb))
+                keep(a - b, c + _SUB, ("-", na, nb))
+                keep(b - a, c + _SUB, ("-", nb, na))
                 if b != 0 and a % b == 0:
-                    put(a // b, c + _DIV, ("/", na, nb))
+                    keep(a // b, c + _DIV, ("/", na, nb))
                 if a != 0 and b % a == 0:
-                    put(b // a, c + _DIV, ("/", nb, na))
-                continue
-            if type(a) is Fraction and type(b) is Fraction:  # int +- non-integer is never an integer
-                put(a + b, c, ("+", na, nb))
-                put(a - b, c + _SUB, ("-", na, nb))
-                put(b - a, c + _SUB, ("-", nb, na))
-            put(a * b, c, ("*", na, nb))
-            if b != 0:
-                put(Fraction(a) / b, c + _DIV, ("/", na, nb))
-            if a != 0:
-                put(Fraction(b) / a, c + _DIV, ("/", nb, na))
+                    keep(b // a, c + _DIV, ("/", nb, na))
+            elif a_int or type(b) is int:
+                # x int, p/q non-integer: x +- p/q and (p/q)/x are never integers; x*(p/q) is iff q | x,
+                # and x/(p/q) = x*q/p is iff p | x*q. Same candidates and order as _combine.
+                x, f = (a, b) if a_int else (b, a)
+                p, q = f.numerator, f.denominator
+                if x % q == 0:
+                    keep(x // q * p, c, ("*", na, nb))
+                if (x * q) % p == 0:  # p != 0: f is not an integer
+                    xn, fn = (na, nb) if a_int else (nb, na)
+                    keep(x * q // p, c + _DIV, ("/", xn, fn))
+            else:
+                for v, cost, node in (
+                    (a + b, c, ("+", na, nb)),
+                    (a * b, c, ("*", na, nb)),
+                    (a - b, c + _SUB, ("-", na, nb)),
+                    (b - a, c + _SUB, ("-", nb, na)),
+                    (a / b, c + _DIV, ("/", na, nb)),
+                    (b / a, c + _DIV, ("/", nb, na)),
+                ):
+                    if v.denominator == 1:
+                        keep(v.numerator, cost, node)
 
 
 def _splits(numbers: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -209,9 +214,7 @@ def solve(numbers: Sequence[int], target: Value) -> str | None:
     return None if entry is None else _render(entry[1])[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Instance generation and splits
-# ----------------------------------------------------------------------------------------------
+# --- Instance generation and splits ---
 
 
 def generate_instances(
@@ -262,9 +265,7 @@ def generate_splits(
     return train, test
 
 
-# ----------------------------------------------------------------------------------------------
-# JSONL
-# ----------------------------------------------------------------------------------------------
+# --- JSONL ---
 
 
 def save_jsonl(instances: Iterable[CountdownInstance], path: str | Path) -> None:
@@ -307,9 +308,7 @@ def load_jsonl(path: str | Path, verify: bool = True) -> list[CountdownInstance]
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------
+# --- Prompts ---
 
 
 def format_prompt(inst: CountdownInstance, template: str = "tiny") -> str:
@@ -322,7 +321,7 @@ def format_prompt(inst: CountdownInstance, template: str = "tiny") -> str:
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
 
 
-def format_completion(inst: CountdownInstance, template: str = "tiny") -> str:
+def sft_completion(inst: CountdownInstance, template: str = "tiny") -> str:
     """The SFT target completion (without EOS; the caller appends it)."""
     if template == "tiny":
         return inst.solution + ANSWER_CLOSE
@@ -338,9 +337,15 @@ def response_prefix(template: str = "tiny") -> str:
     return ANSWER_OPEN if template == "tiny" else ""
 
 
-# ----------------------------------------------------------------------------------------------
-# Reward
-# ----------------------------------------------------------------------------------------------
+def response_for_scoring(response: str, template: str = "tiny") -> str:
+    """The text ``countdown_reward`` expects: the response with the template's answer prefix."""
+    return response_prefix(template) + response
+
+
+format_completion = sft_completion  # alias
+
+
+# --- Reward ---
 
 
 class _Rejected(Exception):
