@@ -59,6 +59,10 @@ class RLTrainer:
         if not run.tokenizer_model:
             raise SystemExit("--tokenizer-model is required")
         self.tok = load_tokenizer(run.tokenizer_model)
+        if rl.init_from:  # the policy's architecture is the initial checkpoint's, not the CLI defaults
+            saved = checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(rl.init_from))["ModelConfig"]
+            self.model_cfg = model_cfg = ModelConfig(**saved)
+            log.info("model config taken from %s", rl.init_from)
         model_cfg.vocab_size = model_cfg.vocab_size or self.tok.vocab_size
         self.train_set = countdown.load_jsonl(rl.train_data)
         self.test_set = countdown.load_jsonl(rl.test_data)[: rl.eval_samples]
@@ -97,7 +101,8 @@ class RLTrainer:
                 self.collapse.load_state_dict(self.state.collapse)
             log.info("resumed RL from %s at iteration %d", self.run.load, self.state.iteration)
         elif self.rl.init_from:
-            checkpoint.load_checkpoint(self.rl.init_from, self.engine.module, restore_rng=False)
+            checkpoint.load_checkpoint(self.rl.init_from, self.engine.module, load_rng=False,
+                                       model_config=self.model_cfg)
             log.info("initialised the policy from %s", self.rl.init_from)
 
     def _reference_model(self) -> torch.nn.Module:
