@@ -1,0 +1,106 @@
+"""Turn the tensorboard logs of one or more RL runs into PNG curves, runs overlaid for comparison.
+
+    python tools/plot_metrics.py runs/countdown_tiny/tb/rl_rspo runs/countdown_tiny/tb/rl_grpo --out docs/plots
+
+Writes ``curves.png`` (reward, accuracy, clip fractions, IS-ratio std, gamma, router shift) and
+``router_shift_per_layer.png`` (one panel per MoE layer) into ``--out``. A run's label is its
+directory name unless given as ``label=path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+PANELS = [
+    ("reward/mean", "train reward (mean)"),
+    ("eval/accuracy", "held-out accuracy"),
+    ("policy/clip_frac_high", "clip fraction (high)"),
+    ("policy/clip_frac_low", "clip fraction (low)"),
+    ("policy/is_ratio_std", "token IS-ratio std"),
+    ("router/gamma_mean", "gamma mean"),
+    ("router/gamma_min", "gamma min"),
+    ("router/shift_mean", "router shift (mean over layers)"),
+    ("router/expert_set_change_rate", "expert-set change rate"),
+]
+
+
+def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{tag: (steps, values)} of every scalar in a tensorboard run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        out[tag] = ([e.step for e in events], [e.value for e in events])
+    return out
+
+
+def parse_runs(specs: list[str]) -> dict[str, str]:
+    runs = {}
+    for spec in specs:
+        label, _, path = spec.partition("=") if "=" in spec else (os.path.basename(spec.rstrip("/")), "", spec)
+        if not os.path.isdir(path):
+            raise SystemExit(f"not a tensorboard run directory: {path}")
+        runs[label] = path
+    return runs
+
+
+def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in panels if any(p[0] in data for data in runs.values())]
+    if not panels:
+        return
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (tag, name) in zip(axes.flat, panels):
+        for label, data in runs.items():
+            if tag in data:
+                steps, values = data[tag]
+                ax.plot(steps, values, label=label, marker="o" if len(steps) < 12 else None, ms=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("RL iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="tensorboard run directories (optionally label=path)")
+    p.add_argument("--out", required=True, help="output directory for the PNGs")
+    p.add_argument("--title", default="RL runs")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    data = {label: read_scalars(path) for label, path in parse_runs(args.runs).items()}
+    written = []
+    curves = os.path.join(args.out, "curves.png")
+    plot(data, PANELS, curves, args.title)
+    written.append(curves)
+    layer_tags = sorted({t for d in data.values() for t in d if re.fullmatch(r"router/shift_layer_\d+", t)},
+                        key=lambda t: int(t.rsplit("_", 1)[1]))
+    if layer_tags:
+        per_layer = os.path.join(args.out, "router_shift_per_layer.png")
+        plot(data, [(t, t.replace("router/shift_", "router shift, ")) for t in layer_tags], per_layer,
+             f"{args.title}: router shift per MoE layer")
+        written.append(per_layer)
+    for w in written:
+        print(w)
+    return written
+
+
+if __name__ == "__main__":
+    main()
