@@ -44,6 +44,7 @@ class ModelConfig:
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_shared_expert_gate: bool = False
     qk_layernorm: bool = False
+    add_qkv_bias: bool = False  # bias on the fused QKV projection only (Qwen2 attention)
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-6
     swiglu: bool = True
@@ -70,6 +71,14 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     num_microbatches: int = 1  # micro-batches per step through the pipeline schedule
+    # None: 1 with expert parallelism (EP groups carved from DP*TP ranks), else TP (experts split like dense MLPs)
+    expert_tensor_parallel_size: Optional[int] = None
+
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size in effect."""
+        if self.expert_tensor_parallel_size is not None:
+            return self.expert_tensor_parallel_size
+        return 1 if self.expert_model_parallel_size > 1 else self.tensor_model_parallel_size
 
 
 @dataclass
@@ -173,6 +182,17 @@ def validate(model: ModelConfig, parallel: ParallelConfig, world_size: int = 1) 
         errors.append(f"--moe-router-topk ({model.moe_router_topk}) must be in [1, --num-experts={model.num_experts}]")
     if model.num_experts > 32767:
         errors.append("--num-experts > 32767 cannot be recorded as int16 expert ids")
+    etp = parallel.expert_tp()
+    if etp < 1 or tp % etp:
+        errors.append(f"--expert-tensor-parallel-size ({etp}) must divide --tensor-model-parallel-size ({tp})")
+        etp = 1
+    elif ep == 1 and etp != tp:
+        # With EP = 1 Megatron treats expert weights as dense ones and reduces their grads over the dense DP
+        # group only, which misses the TP peers that routed other tokens through the same (replicated) experts.
+        errors.append(f"--expert-tensor-parallel-size ({etp}) must equal --tensor-model-parallel-size ({tp}) "
+                      "when --expert-model-parallel-size is 1")
+    if (model.moe_ffn_hidden_size or model.ffn_hidden_size) % etp:
+        errors.append(f"the expert FFN size is not divisible by the expert tensor-parallel size ({etp})")
     if model.num_experts % ep:
         errors.append(f"--num-experts ({model.num_experts}) is not divisible by --expert-model-parallel-size ({ep})")
     if model.hidden_size % model.num_attention_heads and model.kv_channels is None:
@@ -207,9 +227,9 @@ def validate(model: ModelConfig, parallel: ParallelConfig, world_size: int = 1) 
         errors.append(f"world size {world_size} is not divisible by TP*PP = {tp * pp}")
     else:
         dp = world_size // (tp * pp)
-        # Megatron carves the expert groups (expert TP = 1 here) from the DP*TP ranks of a stage.
-        if (dp * tp) % ep:
-            errors.append(f"--expert-model-parallel-size ({ep}) must divide DP*TP = {dp * tp} "
+        # Megatron carves the expert groups (expert TP x EP) from the DP*TP ranks of a stage.
+        if (dp * tp) % (etp * ep):
+            errors.append(f"--expert-model-parallel-size ({ep}) x expert TP ({etp}) must divide DP*TP = {dp * tp} "
                           f"(world size {world_size}, TP {tp}, PP {pp})")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -74,19 +74,31 @@ class Engine:
 
     def _run(self, forward_step: ForwardStep, microbatches: Iterable[Any], num_microbatches: int,
              forward_only: bool, seq_length: int, micro_batch_size: int) -> list[Any]:
-        return get_forward_backward_func()(
+        out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.ddp],
             num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
+        # A forward step may post non-blocking sends inside the schedule (RL routing info to the last
+        # pipeline stage); it completes them here.
+        finish = getattr(forward_step, "finish", None)
+        if finish is not None:
+            finish()
+        return out
 
-    def train_step(self, forward_step: ForwardStep, microbatches: list[Any], seq_length: int,
-                   micro_batch_size: int) -> StepResult:
-        """Forward+backward over ``microbatches`` (len == --num-microbatches), then one optimizer step."""
+    def forward_backward(self, forward_step: ForwardStep, microbatches: list[Any], seq_length: int,
+                         micro_batch_size: int) -> list[Any]:
+        """Zero the grads, then forward+backward over ``microbatches`` (len == --num-microbatches). On return
+        the grads (``param.main_grad``) are final: reduced over DP, SP-norm grads over TP, embeddings over PP."""
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = self._run(forward_step, microbatches, len(microbatches), False, seq_length, micro_batch_size)
+        return self._run(forward_step, microbatches, len(microbatches), False, seq_length, micro_batch_size)
+
+    def train_step(self, forward_step: ForwardStep, microbatches: list[Any], seq_length: int,
+                   micro_batch_size: int) -> StepResult:
+        """``forward_backward``, then one optimizer step."""
+        metrics = self.forward_backward(forward_step, microbatches, seq_length, micro_batch_size)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)

@@ -8,6 +8,7 @@ absent (``apply_cpu_patches`` is a no-op on a GPU machine), idempotent, and cove
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import types
@@ -189,6 +190,57 @@ def patch_synchronize() -> None:
     DDP and the optimizer; on CPU there is nothing to wait for or free."""
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+
+
+@_patch("sequence_parallel_torch_norm")
+def patch_torch_norm_sequence_parallel() -> None:
+    """megatron-core 0.16.1 ``WrappedTorchNorm`` (the norm of the local spec without apex) asserts
+    ``not config.sequence_parallel``. A norm acts per token, so it is already correct on a sequence
+    slice; what SP needs is that its parameters are marked ``sequence_parallel`` so that
+    ``finalize_model_grads`` sums their grads (each TP rank saw a different slice) over the TP group,
+    exactly as Megatron's fused and TE norms do."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original = WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, *args, **kwargs)
+        unmarked = copy.copy(config)  # a shallow copy only to pass the assert; the model keeps its config
+        unmarked.sequence_parallel = False
+        norm = original(cls, unmarked, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
+class _NoStream:
+    """Stands in for the class-level ``torch.cuda.Stream`` of the alltoall dispatcher; never used."""
+
+
+def _to_numpy(x: object) -> object:
+    return x.numpy() if torch.is_tensor(x) else x
+
+
+@_patch("alltoall_dispatcher_without_streams")
+def patch_alltoall_dispatcher() -> None:
+    """megatron-core 0.16.1 ``MoEAlltoAllTokenDispatcher`` creates a ``torch.cuda.Stream`` in
+    ``__init__`` and copies the all-to-all split sizes device-to-host on it. On CPU there is no copy
+    to overlap: skip the stream, and hand the split sizes over as numpy arrays as the CUDA path does."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
+
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            self.input_splits = _to_numpy(self.input_splits)
+            self.output_splits = _to_numpy(self.output_splits)
+            self.output_splits_tp = _to_numpy(self.output_splits_tp)
+        return tokens_per_expert
+
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _maybe_dtoh_and_synchronize
 
 
 def cuda_available() -> bool:

@@ -31,6 +31,9 @@ def te_available() -> bool:
     return True
 
 
+_LAYOUT: tuple[int, ...] | None = None  # the (TP, PP, EP, ETP) layout the parallel groups were built for
+
+
 def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's parallel groups.
 
@@ -45,13 +48,21 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda_available() else "gloo", rank=rank, world_size=world)
     apply_cpu_patches()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-    )
+    layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+              parallel.expert_model_parallel_size, parallel.expert_tp())
+    global _LAYOUT
+    if not parallel_state.model_parallel_is_initialized() or _LAYOUT != layout:
+        # Re-creating the groups is avoided when the layout is unchanged: destroy_model_parallel drops
+        # gloo groups without closing their sockets (~70 fds per re-initialisation).
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout[0],
+            pipeline_model_parallel_size=layout[1],
+            expert_model_parallel_size=layout[2],
+            expert_tensor_parallel_size=layout[3],
+        )
+        _LAYOUT = layout
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
@@ -88,12 +99,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         gated_linear_unit=model.swiglu,
         activation_func=torch.nn.functional.silu if model.swiglu else torch.nn.functional.gelu,
         add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tp(),
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         bf16=model.bf16,
@@ -119,15 +132,17 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return te_available() and cuda_available()
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig) -> GPTModel:
+def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool = True) -> GPTModel:
     """The GPTModel of this rank (its pipeline stage), with recording routers.
 
-    Parallel state must be initialised (``init_distributed``).
+    Parallel state must be initialised (``init_distributed``). ``init_weights=False`` skips the random
+    initialisation (weights are loaded right after, e.g. by checkpoint conversion).
     """
     if model.vocab_size <= 0:
         raise ConfigError("--vocab-size is unset (take it from the tokenizer)")
     validate(model, parallel, dist.get_world_size() if dist.is_initialized() else 1)
     config = transformer_config(model, parallel)
+    config.perform_initialization = init_weights
     use_te = use_transformer_engine(model)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=model.normalization)
     moe_numbers = model.moe_layer_numbers()

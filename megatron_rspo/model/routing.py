@@ -17,7 +17,7 @@ assembled to [B, S, L, K] (L = MoE layers of the whole model) by ``RoutingSessio
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,7 +48,8 @@ class RoutingSession:
 
     ``replay_ids`` / ``score_ids``: [B, S, L, K] integer tensors (L = number of MoE layers of the
     whole model, S = the sequence length of the forward pass). Results are keyed by MoE-layer index.
-    ``seq_slice`` restricts the ids handed to a router to a slice of S (sequence parallelism).
+    ``seq_slice`` restricts the ids handed to a router to a slice of S (sequence parallelism: a router
+    sees its TP rank's slice only, so results are for that slice; ``rl.routing_exchange`` gathers them).
     """
 
     record: bool = False
@@ -74,12 +75,14 @@ class RoutingSession:
         return layer.transpose(0, 1).reshape(seq * batch, -1).long()
 
     @staticmethod
-    def stack(per_layer: dict[int, torch.Tensor], num_moe_layers: int) -> torch.Tensor:
-        """{layer: [S, B, K]} -> [B, S, L, K]; every layer 0..L-1 must be present."""
-        missing = [i for i in range(num_moe_layers) if i not in per_layer]
+    def stack(per_layer: dict[int, torch.Tensor], layers: int | Sequence[int]) -> torch.Tensor:
+        """{layer: [S, B, K]} -> [B, S, L, K] over ``layers`` (an int L: layers 0..L-1; a list: those,
+        e.g. one pipeline stage's); every one must be present."""
+        wanted = list(range(layers)) if isinstance(layers, int) else list(layers)
+        missing = [i for i in wanted if i not in per_layer]
         if missing:
             raise ValueError(f"no routing record for MoE layers {missing}")
-        return torch.stack([per_layer[i] for i in range(num_moe_layers)], dim=2).transpose(0, 1)
+        return torch.stack([per_layer[i] for i in wanted], dim=2).transpose(0, 1)
 
     def clear(self) -> None:
         self.recorded_ids.clear()

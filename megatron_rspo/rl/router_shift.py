@@ -130,6 +130,20 @@ def compute_router_shift(
 
 
 @torch.no_grad()
+def expert_set_changed(old_ids: torch.Tensor, current_topk_ids: torch.Tensor) -> torch.Tensor:
+    """Per token and layer, the fraction of the old top-K ids that are not in the current top-K: [N, T, L]."""
+    if old_ids.dim() != 4 or current_topk_ids.dim() != 4 or old_ids.shape[:3] != current_topk_ids.shape[:3]:
+        raise ValueError(f"expert ids must be [N, T, L, K] with matching N, T, L; got {tuple(old_ids.shape)} "
+                         f"and {tuple(current_topk_ids.shape)}")
+    # Loop over the current K rather than broadcasting [.., K, K]: keeps memory at one [N, T, L, K] bool.
+    kept = torch.zeros(old_ids.shape, dtype=torch.bool, device=old_ids.device)
+    cur = current_topk_ids.to(old_ids.dtype)
+    for k in range(cur.shape[-1]):
+        kept |= old_ids == cur[..., k : k + 1]
+    return (~kept).float().mean(dim=-1)
+
+
+@torch.no_grad()
 def expert_set_change_rate(
     old_ids: torch.Tensor,
     current_topk_ids: torch.Tensor,
@@ -142,15 +156,7 @@ def expert_set_change_rate(
     ``old_ids`` [N, T, L, K], ``current_topk_ids`` [N, T, L, K'] (same N, T, L), ``mask`` [N, T] valid tokens.
     Returns a scalar (averaged over valid token×layer×k) or, with ``per_layer``, an [L] tensor.
     """
-    if old_ids.dim() != 4 or current_topk_ids.dim() != 4 or old_ids.shape[:3] != current_topk_ids.shape[:3]:
-        raise ValueError(f"expert ids must be [N, T, L, K] with matching N, T, L; got {tuple(old_ids.shape)} "
-                         f"and {tuple(current_topk_ids.shape)}")
-    # Loop over the current K rather than broadcasting [.., K, K]: keeps memory at one [N, T, L, K] bool.
-    kept = torch.zeros(old_ids.shape, dtype=torch.bool, device=old_ids.device)
-    cur = current_topk_ids.to(old_ids.dtype)
-    for k in range(cur.shape[-1]):
-        kept |= old_ids == cur[..., k : k + 1]
-    changed = (~kept).float().mean(dim=-1)  # [N, T, L]
+    changed = expert_set_changed(old_ids, current_topk_ids)
     n, t, num_layers = changed.shape
     w = torch.ones_like(changed)
     if mask is not None:

@@ -1,12 +1,17 @@
 """Forward steps for Megatron's schedule: the old-policy pass and the RL training micro-batch.
 
 Glue only: a model forward inside a RoutingSession, then the pure functions of ``router_shift``,
-``losses`` and ``metrics``. ``make_*`` return ``forward_step(data_iterator, model)`` callables.
+``losses`` and ``metrics``. ``make_*`` return ``forward_step(data_iterator, model)`` callables that work
+in every layout (DESIGN §5): under sequence parallelism the routers get their TP rank's slice of the
+rollout ids and ``routing_exchange`` gathers what they produce; under pipeline parallelism every stage
+scores its own MoE layers and sends them to the last stage, where the loss is computed. The callables
+have a ``finish()`` that the engine calls after the schedule (it waits for those sends).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,13 +20,9 @@ from megatron_rspo.model.routing import RoutingSession, routing_session
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalty, masked_mean
 from megatron_rspo.rl.metrics import gamma_stats, router_shift_stats
-from megatron_rspo.rl.router_shift import (
-    RouterShiftConfig,
-    aggregate_layers,
-    expert_set_change_rate,
-    per_layer_router_shift,
-    router_shift_ratio,
-)
+from megatron_rspo.rl.parallel import RoutingLayout
+from megatron_rspo.rl.router_shift import RouterShiftConfig, aggregate_layers, router_shift_ratio
+from megatron_rspo.rl.routing_exchange import PipelineRouting, stage_routing, stage_scores
 
 
 @dataclass
@@ -34,14 +35,17 @@ class StepOptions:
     num_moe_layers: int
     kl_coeff: float = 0.0
     entropy_coeff: float = 0.0
+    layout: Optional[RoutingLayout] = None  # None: RoutingLayout.local(model) (one pipeline stage)
 
 
-def _session(exp: Experience, opts: StepOptions, *, score: bool, record: bool) -> RoutingSession:
+def _session(exp: Experience, opts: StepOptions, layout: RoutingLayout, *, score: bool,
+             record: bool) -> RoutingSession:
     ids = None if exp.routing_ids is None else exp.routing_ids[:, :-1]
     return RoutingSession(
         record=record,
         score_ids=ids if score else None,
         replay_ids=ids if opts.routing_replay else None,
+        seq_slice=layout.seq_slice(exp.tokens.shape[1] - 1),
     )
 
 
@@ -50,70 +54,148 @@ def _policy_logits(model, exp: Experience, session: RoutingSession) -> torch.Ten
         return forward_logits(model, exp.tokens[:, :-1])
 
 
-def make_old_policy_step(opts: StepOptions, need_scores: bool):
-    """Forward-only step: log pi_old per label and router log-scores at the rollout's ids."""
+def _num_experts(model) -> int:
+    inner = model
+    while not hasattr(inner, "config") and hasattr(inner, "module"):
+        inner = inner.module
+    return int(inner.config.num_moe_experts or 0)
 
-    def forward_step(data_iterator, model):
+
+class _Step:
+    def __init__(self, opts: StepOptions) -> None:
+        self.opts = opts
+        self.layout = opts.layout
+        self.microbatch = 0  # forward calls so far: the tag of the pipeline routing messages
+
+    def _layout(self, model) -> RoutingLayout:
+        if self.layout is None:
+            self.layout = RoutingLayout.local(model)
+        return self.layout
+
+    def finish(self) -> None:
+        """Called by the engine once the schedule has run."""
+
+
+class OldPolicyStep(_Step):
+    """Forward-only step: log pi_old per label (last stage: the loss function's ``logp``) and the router
+    log-scores at the rollout's ids of this stage's MoE layers, complete over the sequence. Each stage
+    keeps its own scores (``self.log_scores``, one [B, S, L_stage, K] per micro-batch): a stage needs no
+    other stage's old scores to compute its part of the router shift."""
+
+    def __init__(self, opts: StepOptions, need_scores: bool) -> None:
+        super().__init__(opts)
+        self.need_scores = need_scores
+        self.log_scores: list[torch.Tensor] = []
+
+    def __call__(self, data_iterator, model):
         exp: Experience = next(data_iterator)
-        session = _session(exp, opts, score=need_scores, record=False)
+        layout = self._layout(model)
+        self.microbatch += 1
+        session = _session(exp, self.opts, layout, score=self.need_scores, record=False)
         logits = _policy_logits(model, exp, session)
+        scores = None
+        if self.need_scores:
+            sl = session.seq_slice or slice(None)
+            scores = stage_scores(session, layout, exp.tokens.shape[0], len(range(exp.tokens.shape[1] - 1)[sl]))
+            self.log_scores.append(scores)
 
         def loss_func(logits: torch.Tensor):
-            out = {"logp": token_logprobs(logits / opts.temperature, exp.tokens[:, 1:])}
-            if need_scores:
-                out["log_scores"] = RoutingSession.stack(session.current_log_scores, opts.num_moe_layers)
+            out = {"logp": token_logprobs(logits / self.opts.temperature, exp.tokens[:, 1:])}
+            if scores is not None:
+                out["log_scores"] = scores
             return logits.new_zeros(()), out
 
         return logits, loss_func
 
-    return forward_step
+
+def _not_last_stage(output: torch.Tensor):
+    raise RuntimeError("the loss function runs on the last pipeline stage only")
 
 
-def make_train_step(opts: StepOptions, normalizer: float, loss_scale: float):
-    """Training micro-batch: current log-probs, gamma from the router shift, the registered loss."""
-    loss_fn = get_policy_loss(opts.algorithm)
-    rs = opts.router_shift
+class TrainStep(_Step):
+    """Training micro-batch: current log-probs, γ from the router shift, the registered loss.
 
-    def forward_step(data_iterator, model):
+    ``keep_tensors`` keeps per-token ``gamma``/``logp`` and the unscaled ``loss`` of each micro-batch in
+    ``self.kept`` (last stage; diagnostics and the cross-layout equivalence tests)."""
+
+    def __init__(self, opts: StepOptions, normalizer: float, loss_scale: float, keep_tensors: bool = False) -> None:
+        super().__init__(opts)
+        self.normalizer, self.loss_scale = normalizer, loss_scale
+        self.loss_fn = get_policy_loss(opts.algorithm)
+        self.keep_tensors = keep_tensors
+        self.kept: list[dict[str, torch.Tensor]] = []
+        self.pipe: Optional[PipelineRouting] = None
+
+    def __call__(self, data_iterator, model):
         exp: Experience = next(data_iterator)
-        session = _session(exp, opts, score=rs.enabled or exp.old_log_scores is not None, record=True)
+        opts, rs = self.opts, self.opts.router_shift
+        layout = self._layout(model)
+        if self.pipe is None:
+            self.pipe = PipelineRouting(layout)
+        microbatch, self.microbatch = self.microbatch, self.microbatch + 1
+        score = (rs.enabled or exp.old_log_scores is not None) and exp.routing_ids is not None
+        session = _session(exp, opts, layout, score=score, record=True)
         logits = _policy_logits(model, exp, session)
+        ids = None if exp.routing_ids is None else exp.routing_ids[:, :-1]
+        part = stage_routing(session, layout, exp.old_log_scores if score else None, ids, exp.tokens.shape[0],
+                             exp.tokens.shape[1] - 1, _num_experts(model), exp.tokens.device)
+        if not layout.is_last_stage:
+            self.pipe.send(part, microbatch)
+            return logits, _not_last_stage
 
         def loss_func(logits: torch.Tensor):
-            logits = logits / opts.temperature
-            mask = exp.response_mask
-            logp = token_logprobs(logits, exp.tokens[:, 1:])
-            gamma, stats = None, {}
-            if session.current_log_scores and exp.old_log_scores is not None:
-                current = RoutingSession.stack(session.current_log_scores, opts.num_moe_layers)
-                per_layer = per_layer_router_shift(current, exp.old_log_scores)
-                stats.update(router_shift_stats(per_layer, mask))
-                if rs.enabled:
-                    gamma = router_shift_ratio(aggregate_layers(per_layer, rs.aggregation), rs.floor)
-                    stats.update(gamma_stats(gamma, mask, rs.floor))
-            if session.recorded_ids and exp.routing_ids is not None:
-                now = RoutingSession.stack(session.recorded_ids, opts.num_moe_layers)
-                stats["expert_set_change_rate"] = expert_set_change_rate(exp.routing_ids[:, :-1], now, mask)
-            loss, loss_stats = loss_fn(logp, exp.old_logp, exp.advantages, mask, opts.loss, gamma=gamma,
-                                       normalizer=normalizer)
-            stats.update(loss_stats)
-            with torch.set_grad_enabled(opts.entropy_coeff > 0 and torch.is_grad_enabled()):
-                entropy = masked_mean(token_entropy(logits), mask)
-            stats["entropy"] = entropy.detach()
-            if opts.entropy_coeff > 0:
-                loss = loss - opts.entropy_coeff * entropy * _share(mask, normalizer, opts)
-            if opts.kl_coeff > 0 and exp.ref_logp is not None:
-                kl = masked_mean(kl_penalty(logp, exp.ref_logp, mask, kind="k3"), mask)
-                stats["kl_ref"] = kl.detach()
-                loss = loss + opts.kl_coeff * kl * _share(mask, normalizer, opts)
-            stats["expert_load"] = torch.stack(
-                [session.expert_load[i] for i in sorted(session.expert_load)]) if session.expert_load else None
-            stats = {k: v.detach() for k, v in stats.items() if v is not None}
-            return loss * loss_scale, stats
+            return self._loss(logits, exp, self.pipe.collect(part, microbatch), have_shift=score
+                              and exp.old_log_scores is not None, have_ids=ids is not None)
 
         return logits, loss_func
 
-    return forward_step
+    def _loss(self, logits: torch.Tensor, exp: Experience, routing, have_shift: bool, have_ids: bool):
+        opts, rs = self.opts, self.opts.router_shift
+        logits = logits / opts.temperature
+        mask = exp.response_mask
+        logp = token_logprobs(logits, exp.tokens[:, 1:])
+        gamma, stats = None, {}
+        if have_shift and routing.shift.shape[-1]:
+            stats.update(router_shift_stats(routing.shift, mask))
+            if rs.enabled:
+                gamma = router_shift_ratio(aggregate_layers(routing.shift, rs.aggregation), rs.floor)
+                stats.update(gamma_stats(gamma, mask, rs.floor))
+        if have_ids and routing.changed.shape[-1]:
+            # the mean over valid tokens x layers of the changed fraction (router_shift.expert_set_change_rate)
+            stats["expert_set_change_rate"] = masked_mean(routing.changed, mask.bool()[..., None].expand_as(
+                routing.changed))
+        loss, loss_stats = self.loss_fn(logp, exp.old_logp, exp.advantages, mask, opts.loss, gamma=gamma,
+                                        normalizer=self.normalizer)
+        stats.update(loss_stats)
+        with torch.set_grad_enabled(opts.entropy_coeff > 0 and torch.is_grad_enabled()):
+            entropy = masked_mean(token_entropy(logits), mask)
+        stats["entropy"] = entropy.detach()
+        if opts.entropy_coeff > 0:
+            loss = loss - opts.entropy_coeff * entropy * _share(mask, self.normalizer, opts)
+        if opts.kl_coeff > 0 and exp.ref_logp is not None:
+            kl = masked_mean(kl_penalty(logp, exp.ref_logp, mask, kind="k3"), mask)
+            stats["kl_ref"] = kl.detach()
+            loss = loss + opts.kl_coeff * kl * _share(mask, self.normalizer, opts)
+        stats["expert_load"] = routing.load if routing.load.shape[0] else None
+        stats = {k: v.detach() for k, v in stats.items() if v is not None}
+        if self.keep_tensors:
+            self.kept.append({"loss": loss.detach(), "logp": logp.detach(),
+                              "gamma": gamma if gamma is not None else torch.ones_like(logp)})
+        return loss * self.loss_scale, stats
+
+    def finish(self) -> None:
+        if self.pipe is not None:
+            self.pipe.finish()
+
+
+def make_old_policy_step(opts: StepOptions, need_scores: bool) -> OldPolicyStep:
+    """Forward-only step: log pi_old per label and router log-scores at the rollout's ids."""
+    return OldPolicyStep(opts, need_scores)
+
+
+def make_train_step(opts: StepOptions, normalizer: float, loss_scale: float, keep_tensors: bool = False) -> TrainStep:
+    """Training micro-batch: current log-probs, gamma from the router shift, the registered loss."""
+    return TrainStep(opts, normalizer, loss_scale, keep_tensors)
 
 
 def loss_units(algorithm: str, loss_cfg: PolicyLossConfig, mask: torch.Tensor) -> float:

@@ -1,0 +1,45 @@
+"""Convert an HF Qwen3-MoE / Qwen2-MoE / Mixtral checkpoint (safetensors) into a Megatron checkpoint.
+
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen3-30B-A3B --save ckpt/qwen3 \
+        --tensor-model-parallel-size 2 --expert-model-parallel-size 8
+
+Runs on one process; the result is a model-only distributed checkpoint (iteration 0) that loads into
+any TP/EP/PP layout (dist_checkpointing reshards at load). The layout flags are validated against
+the model and recorded in run_config.json. See docs/conversion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--save", required=True, help="output checkpoint root (iter_0000000/ is written)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="parameter dtype of the checkpoint (auto: bf16 if the HF config says so, else fp32)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated).*")
+
+    from megatron_rspo.config import ParallelConfig
+    from megatron_rspo.convert import ConversionError, convert_hf_to_megatron
+
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                              expert_model_parallel_size=args.expert_model_parallel_size,
+                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    try:
+        convert_hf_to_megatron(args.hf_dir, args.save, parallel, dtype=args.dtype)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns worker processes
+    sys.exit(main())
