@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> float:
     stream = ShuffledStream(len(train), run.seed, dp_rank, dp)
     start = 0
     if run.load:
-        start, extra = checkpoint.load_checkpoint(run.load, engine.module, engine.optimizer, engine.scheduler)
-        stream.position = extra.get("data_position", 0)
+        loaded = checkpoint.load_checkpoint(run.load, engine.module, engine.optimizer, engine.scheduler,
+                                            model_config=model_cfg)
+        start, stream.position = loaded.iteration, loaded.extra_state.get("data_position", 0)
     metrics = MetricsLogger(run.tensorboard_dir)
     log.info("SFT: %d train / %d eval examples, %s params/rank", len(train), len(test),
              f"{sum(p.numel() for p in engine.module.parameters()):,}")

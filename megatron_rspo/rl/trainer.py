@@ -94,8 +94,8 @@ class RLTrainer:
     def _load(self) -> None:
         """Resume from --load (full state) or start from --init-from (model weights only)."""
         if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
-            _, extra = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
-                                                  self.engine.scheduler)
+            extra = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
+                                               self.engine.scheduler, model_config=self.model_cfg).extra_state
             self.state = RLState(**{k: extra[k] for k in ("iteration", "data_position", "collapse") if k in extra})
             if self.state.collapse:
                 self.collapse.load_state_dict(self.state.collapse)
