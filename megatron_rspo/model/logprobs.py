@@ -14,8 +14,14 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log pi(label) per position; ``logits`` [B, S, V/TP] (fp32 upcast), ``labels`` [B, S]."""
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+    """log pi(label) per position; ``logits`` [B, S, V/TP] (fp32 upcast), ``labels`` [B, S].
+
+    Megatron's vocab-parallel cross-entropy works in place on its input, so fp32 logits are copied:
+    the caller's logits stay usable (entropy, other terms)."""
+    x = logits.float()
+    if x.data_ptr() == logits.data_ptr():
+        x = x.clone()
+    return -tensor_parallel.vocab_parallel_cross_entropy(x, labels)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
