@@ -25,3 +25,27 @@ def megatron_single_rank():
 
     torch.manual_seed(0)
     return make
+
+
+@pytest.fixture(scope="session")
+def countdown_data(tmp_path_factory):
+    """A small Countdown data set (64 train / 8 test) and a sentencepiece tokenizer ``tok.model``."""
+    from megatron_rspo.tasks import countdown
+    from megatron_rspo.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("countdown")
+    train, test = countdown.generate_splits(64, 8, seed=3)
+    countdown.save_jsonl(train, d / "train.jsonl")
+    countdown.save_jsonl(test, d / "test.jsonl")
+    train_sentencepiece([countdown.format_prompt(x) + countdown.sft_completion(x) for x in train + test],
+                        str(d / "tok"), vocab_size=48)
+    return d
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of a tensorboard run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -9,23 +9,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-from megatron_rspo.tasks import countdown
-from megatron_rspo.tokenizer import train_sentencepiece
+from conftest import tensorboard_scalars
 
 ITERS = 6
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("resume_data")
-    train, test = countdown.generate_splits(64, 8, seed=5)
-    countdown.save_jsonl(train, d / "train.jsonl")
-    countdown.save_jsonl(test, d / "test.jsonl")
-    train_sentencepiece([countdown.format_prompt(x) + countdown.sft_completion(x) for x in train + test],
-                        str(d / "tok"), vocab_size=48)
-    return d
 
 
 def command(data, save, tb, *extra: str) -> list[str]:
@@ -40,18 +26,15 @@ def command(data, save, tb, *extra: str) -> list[str]:
 
 
 def scalars(tb) -> dict[tuple[str, int], float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {(tag, e.step): e.value for tag in acc.Tags()["scalars"] if not tag.startswith("time/")
-            for e in acc.Scalars(tag)}
+    return {(tag, step): v for tag, series in tensorboard_scalars(tb).items() if not tag.startswith("time/")
+            for step, v in series}
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(countdown_data, tmp_path):
+    data = countdown_data
     subprocess.run(command(data, tmp_path / "a", tmp_path / "tb_a"), check=True, env=ENV, timeout=600,
                    stdout=subprocess.DEVNULL)
     reference = scalars(tmp_path / "tb_a")

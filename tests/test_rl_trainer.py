@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tensorboard_scalars
 
 from megatron_rspo.rl import trainer
-from megatron_rspo.tasks import countdown
-from megatron_rspo.tokenizer import train_sentencepiece
 
 # Tensorboard scalar names are part of the interface (DESIGN §4).
 EXPECTED = [
@@ -22,23 +21,8 @@ EXPECTED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("countdown")
-    train, test = countdown.generate_splits(64, 8, seed=3)
-    countdown.save_jsonl(train, d / "train.jsonl")
-    countdown.save_jsonl(test, d / "test.jsonl")
-    texts = [countdown.format_prompt(x) + countdown.sft_completion(x) for x in train + test]
-    train_sentencepiece(texts, str(d / "tok"), vocab_size=48)
-    return d
-
-
 def scalar_names(logdir) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
+    return set(tensorboard_scalars(logdir))
 
 
 def run(data, tmp_path, *extra: str) -> dict[str, float]:
@@ -53,9 +37,9 @@ def run(data, tmp_path, *extra: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("algorithm", ["rspo", "grpo", "gspo", "gmpo"])
-def test_each_algorithm_runs_and_logs_every_diagnostic(data, tmp_path, algorithm):
+def test_each_algorithm_runs_and_logs_every_diagnostic(countdown_data, tmp_path, algorithm):
     extra = ["--rl-algorithm", algorithm] + ([] if algorithm == "rspo" else ["--router-shift"])
-    last = run(data, tmp_path, *extra)
+    last = run(countdown_data, tmp_path, *extra)
     names = scalar_names(tmp_path / "tb")
     missing = [n for n in EXPECTED if n not in names]
     assert not missing, f"not logged: {missing}"
@@ -64,13 +48,13 @@ def test_each_algorithm_runs_and_logs_every_diagnostic(data, tmp_path, algorithm
 
 @pytest.mark.parametrize("mode", [["--routing-replay"], ["--freeze-router"], ["--no-recompute-old-logprobs"],
                                   ["--kl-coeff", "0.1", "--entropy-coeff", "0.01", "--num-microbatches", "2"]])
-def test_baseline_modes_run(data, tmp_path, mode):
-    last = run(data, tmp_path, "--rl-algorithm", "gmpo", *mode)
+def test_baseline_modes_run(countdown_data, tmp_path, mode):
+    last = run(countdown_data, tmp_path, "--rl-algorithm", "gmpo", *mode)
     assert "policy/ppo_kl" in last
 
 
-def test_bad_rl_settings_fail_before_work(data, tmp_path):
+def test_bad_rl_settings_fail_before_work(countdown_data, tmp_path):
     from megatron_rspo.config import ConfigError
 
     with pytest.raises(ConfigError, match="--num-minibatches"):
-        run(data, tmp_path, "--num-minibatches", "3")
+        run(countdown_data, tmp_path, "--num-minibatches", "3")
