@@ -11,6 +11,7 @@ from fractions import Fraction
 import pytest
 
 from megatron_rspo.tasks import countdown as cd
+from megatron_rspo.tasks import countdown_solver as solver
 from megatron_rspo.tasks.countdown import CountdownConfig, CountdownInstance
 
 INST = CountdownInstance(numbers=[3, 5, 7], target=22, solution="3*5+7")
@@ -46,7 +47,7 @@ def test_solve_known_cases():
 @pytest.mark.parametrize("nums", [(1, 2, 3), (2, 2, 7), (5, 5, 5), (1, 3, 4, 6), (2, 2, 9, 9)])
 def test_solver_matches_brute_force(nums):
     ref = _brute_force_values(nums)
-    table = cd._solution_table(tuple(sorted(nums)))
+    table = solver._solution_table(tuple(sorted(nums)))
     assert {Fraction(v) for v in table} == ref
     for v in itertools.islice(ref, 40):
         sol = cd.solve(nums, v)
@@ -58,17 +59,17 @@ def test_range_table_equals_filtered_full_table():
     rng = random.Random(0)
     for _ in range(60):
         nums = tuple(sorted(rng.randint(1, 12) for _ in range(rng.choice((2, 3, 4)))))
-        fast = cd._range_table(nums, 1, 100)
-        full = {v: e for v, e in cd._solution_table(nums).items() if type(v) is int and 1 <= v <= 100}
+        fast = solver.range_table(nums, 1, 100)
+        full = {v: e for v, e in solver._solution_table(nums).items() if type(v) is int and 1 <= v <= 100}
         assert fast.keys() == full.keys()
-        assert all(cd._render(fast[v][1]) == cd._render(full[v][1]) for v in fast)  # same canonical solution
+        assert all(solver.render(fast[v][1]) == solver.render(full[v][1]) for v in fast)  # same canonical solution
 
 
 def test_render_minimal_parentheses():
-    assert cd._render(("-", 9, ("-", 5, 2)))[0] == "9-(5-2)"
-    assert cd._render(("+", 9, ("-", 5, 2)))[0] == "9+5-2"
-    assert cd._render(("/", 8, ("*", 2, 2)))[0] == "8/(2*2)"
-    assert cd._render(("*", ("+", 3, 5), 7))[0] == "(3+5)*7"
+    assert solver.render(("-", 9, ("-", 5, 2)))[0] == "9-(5-2)"
+    assert solver.render(("+", 9, ("-", 5, 2)))[0] == "9+5-2"
+    assert solver.render(("/", 8, ("*", 2, 2)))[0] == "8/(2*2)"
+    assert solver.render(("*", ("+", 3, 5), 7))[0] == "(3+5)*7"
 
 
 # ------------------------------------------------------------------ generation
