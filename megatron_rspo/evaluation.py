@@ -19,14 +19,16 @@ def decode_responses(tok: Tokenizer, tokens: torch.Tensor, prompt_lens: torch.Te
 
 def evaluate_countdown(model: torch.nn.Module, tok: Tokenizer, instances: list[countdown.CountdownInstance],
                        template: str, max_new_tokens: int, batch_size: int = 128,
-                       temperature: float = 0.0) -> dict[str, float]:
-    """Sample one answer per instance; returns accuracy (full score), mean reward, mean length."""
+                       temperature: float = 0.0, sync_group=None) -> dict[str, float]:
+    """Sample one answer per instance; returns accuracy (full score), mean reward, mean length.
+    ``sync_group``: see ``generate`` (expert/tensor parallelism; every rank evaluates the same instances)."""
     rewards, lengths = [], []
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     for start in range(0, len(instances), batch_size):
         chunk = instances[start: start + batch_size]
         prompts = [tok.encode(countdown.format_prompt(inst, template)) for inst in chunk]
-        ro = generate(model, prompts, params, eos_id=tok.eos_id, pad_id=tok.pad_id, record_routing=False)
+        ro = generate(model, prompts, params, eos_id=tok.eos_id, pad_id=tok.pad_id, record_routing=False,
+                      sync_group=sync_group)
         texts = decode_responses(tok, ro.tokens, ro.prompt_lens, ro.response_lens)
         for inst, text in zip(chunk, texts):
             rewards.append(countdown.countdown_reward(countdown.response_for_scoring(text, template), inst))

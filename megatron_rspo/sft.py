@@ -35,6 +35,7 @@ from megatron_rspo.evaluation import evaluate_countdown
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.logprobs import forward_logits, token_logprobs
 from megatron_rspo.model.provider import init_distributed
+from megatron_rspo.rl.parallel import agreed_forward_length, generation_mode
 from megatron_rspo.tasks import countdown
 from megatron_rspo.tokenizer import Tokenizer, load_tokenizer
 
@@ -61,10 +62,12 @@ def encode_examples(instances: list[countdown.CountdownInstance], tok: Tokenizer
     return out
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``tokens`` [B, S] and ``loss_mask`` [B, S-1] over the completion labels."""
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int,
+            width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``tokens`` [B, S] and ``loss_mask`` [B, S-1] over the completion labels
+    (S = ``width``, default: the longest example)."""
     seqs = [p + c for p, c in examples]
-    width = max(len(s) for s in seqs)
+    width = width or max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width - 1))
     for i, ((p, _c), s) in enumerate(zip(examples, seqs)):
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> float:
     train = encode_examples(countdown.load_jsonl(sft.train_data), tok, sft.template)
     test = countdown.load_jsonl(sft.test_data)[: sft.eval_samples]
     init_distributed(par, seed=run.seed)
+    setup_console_logging()  # again: only rank 0 logs at INFO, now that ranks are known
     engine = Engine(model_cfg, par, opt, train_iters=sft.train_iters)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     stream = ShuffledStream(len(train), run.seed, dp_rank, dp)
@@ -123,21 +127,35 @@ def main(argv: list[str] | None = None) -> float:
     progress = Progress(sft.train_iters, "sft", enabled=run.progress, initial=start)
     accuracy = float("nan")
     for it in range(start, sft.train_iters):
-        mbs = [collate([train[i] for i in stream.take(sft.micro_batch_size)], tok.pad_id)
-               for _ in range(par.num_microbatches)]
+        batches = [[train[i] for i in stream.take(sft.micro_batch_size)] for _ in range(par.num_microbatches)]
+        # One shape for every micro-batch and rank: pipeline stages exchange fixed-shape activations, MoE
+        # dispatchers gather tokens over EP ranks, and sequence parallelism splits the sequence over TP.
+        width = 1 + agreed_forward_length(max(len(p) + len(c) for b in batches for p, c in b) - 1,
+                                          par.tensor_model_parallel_size if par.sequence_parallel else 1)
+        mbs = [collate(b, tok.pad_id, width) for b in batches]
         n_tok = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in mbs)))
         if dist.is_initialized():
             dist.all_reduce(n_tok, group=parallel_state.get_data_parallel_group())
         step = partial(sft_forward_step, loss_scale=engine.loss_scale, global_tokens=float(n_tok))
         res = engine.train_step(step, mbs, seq_length=mbs[0]["tokens"].shape[1] - 1,
                                 micro_batch_size=sft.micro_batch_size)
-        loss = sum(float(m["nll_sum"]) for m in res.metrics) / max(sum(float(m["tokens"]) for m in res.metrics), 1)
+        totals = torch.tensor([sum(float(m["nll_sum"]) for m in res.metrics),
+                               sum(float(m["tokens"]) for m in res.metrics)], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # The loss lives on the last pipeline stage (rank 0 logs): sum over last-stage ranks of every DP rank.
+            reports = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            totals *= float(reports)
+            dist.all_reduce(totals)
+        loss = float(totals[0]) / max(float(totals[1]), 1.0)
         progress.update(1, loss=loss)
         metrics.log(it + 1, {"train/loss": loss, "train/grad_norm": res.grad_norm, "train/lr": res.lr},
                     console=(it + 1) % run.log_interval == 0)
         last = it + 1 == sft.train_iters
-        if (run.eval_interval and (it + 1) % run.eval_interval == 0) or last:
-            accuracy = evaluate_countdown(engine.module, tok, test, sft.template, sft.eval_max_new_tokens)["accuracy"]
+        evaluate = (run.eval_interval and (it + 1) % run.eval_interval == 0) or last
+        if evaluate and par.pipeline_model_parallel_size == 1:  # no generation under PP: no held-out accuracy
+            with generation_mode(engine.module) as group:
+                accuracy = evaluate_countdown(engine.module, tok, test, sft.template, sft.eval_max_new_tokens,
+                                              sync_group=group)["accuracy"]
             metrics.log(it + 1, {"eval/accuracy": accuracy}, console=True)
         if run.save and ((run.save_interval and (it + 1) % run.save_interval == 0) or last):
             checkpoint.save_checkpoint(run.save, it + 1, engine.module, engine.optimizer, engine.scheduler,

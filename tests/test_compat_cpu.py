@@ -88,3 +88,36 @@ def test_synchronize_is_noop():
 def test_patches_skipped_when_cuda_present(monkeypatch):
     monkeypatch.setattr(cpu, "cuda_available", lambda: True)
     assert cpu.apply_cpu_patches() == []
+
+
+def test_torch_norm_accepts_sequence_parallel_and_marks_params():
+    cpu.apply_cpu_patches()
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, tensor_model_parallel_size=2,
+                            sequence_parallel=True, normalization="RMSNorm")
+    norm = WrappedTorchNorm(cfg, 8, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and cfg.sequence_parallel  # the model's config is untouched
+    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(norm(x), torch.cat([norm(x[:2]), norm(x[2:])]))  # per token: slices are exact
+    cfg.sequence_parallel = False
+    plain = WrappedTorchNorm(cfg, 8)
+    assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())
+
+
+def test_alltoall_dispatcher_needs_no_cuda_stream_and_gets_numpy_splits():
+    cpu.apply_cpu_patches()
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    assert isinstance(MoEAlltoAllTokenDispatcher.cuda_dtoh_stream, cpu._NoStream)
+    d = object.__new__(MoEAlltoAllTokenDispatcher)  # only the attributes the hook reads
+    d.drop_and_pad, d.cuda_dtoh_point = False, "before_permutation_1"
+    d.input_splits, d.output_splits, d.output_splits_tp = torch.tensor([1, 2]), torch.tensor([3, 0]), None
+    tokens = torch.tensor([4, 5])
+    assert d._maybe_dtoh_and_synchronize("before_ep_alltoall", tokens) is tokens  # not the copy point
+    assert torch.is_tensor(d.input_splits)
+    assert d._maybe_dtoh_and_synchronize("before_permutation_1", tokens) is tokens
+    assert d.input_splits.tolist() == [1, 2] and not torch.is_tensor(d.input_splits)  # numpy, as on GPU
+    assert d.output_splits.tolist() == [3, 0] and d.output_splits_tp is None

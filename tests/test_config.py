@@ -47,6 +47,11 @@ def test_bad_choice_rejected_by_parser():
         ({"moe_router_enable_expert_bias": True}, {}, 1, "requires --moe-router-score-function sigmoid"),
         ({}, {"expert_model_parallel_size": 4}, 2, "must divide DP*TP"),
         ({"moe_router_load_balancing_type": "sinkhorn"}, {}, 1, "sinkhorn"),
+        # EP = 1: expert grads are reduced over the dense DP group only, so experts must be TP-split like MLPs
+        ({}, {"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_tensor_parallel_size": 1}, 2,
+         "must equal --tensor-model-parallel-size (2) when --expert-model-parallel-size is 1"),
+        ({}, {"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_tensor_parallel_size": 2,
+              "expert_model_parallel_size": 2}, 2, "x expert TP (2) must divide DP*TP = 2"),
     ],
 )
 def test_invalid_combinations_fail_with_clear_message(model_kw, par_kw, world, needle):
@@ -68,3 +73,12 @@ def test_valid_layouts_pass():
     validate(ModelConfig(num_layers=4), ParallelConfig(pipeline_model_parallel_size=2), 2)
     validate(ModelConfig(num_experts=8), ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
                                                         expert_model_parallel_size=2), 4)
+    validate(ModelConfig(num_experts=4), ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                        expert_model_parallel_size=2), 2)  # EP from the TP ranks
+
+
+def test_expert_tensor_parallel_default():
+    assert ParallelConfig(tensor_model_parallel_size=2).expert_tp() == 2  # EP = 1: experts split like MLPs
+    assert ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2).expert_tp() == 1
+    assert ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                          expert_tensor_parallel_size=2).expert_tp() == 2

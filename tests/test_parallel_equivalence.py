@@ -1,10 +1,11 @@
 """Every parallel layout computes the same RL step as one rank (torchrun, gloo, CPU).
 
-tests/dist/rl_equivalence.py runs the reference on one rank, then each layout on 2 (and 4) ranks: the
-old-policy pass (log pi_old, old router scores), router weights moved identically on every rank, then
-an RSPO forward-backward through Megatron's schedule with and without routing replay. Each rank
-reports its max abs error against the reference for the loss, per-token γ and log-probs, the
-micro-batch metrics, the expert load and its gradient shards; all must be <= 1e-5 (fp32).
+tests/dist/rl_equivalence.py runs the reference on one rank, then each layout on 2 (and 4) ranks: greedy
+rollout generation (no PP), the old-policy pass (log pi_old, old router scores), router weights moved
+identically on every rank, then an RSPO forward-backward through Megatron's schedule with and without
+routing replay. Each rank reports its max abs error against the reference for the loss, per-token γ
+and log-probs, the micro-batch metrics, the expert load and its gradient shards; all must be <= 1e-5
+(fp32), and generated tokens and routing ids must be identical.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ def _check(reports: list[dict], layout: str, world: int) -> None:
     assert [r["rank"] for r in reports] == list(range(world)), "every rank must report"
     assert any(r["last_stage"] for r in reports)
     for r in reports:
-        errors = {k: v for k, v in r.items() if "/" in k and not k.endswith("num_grads") or k.startswith("old_")}
+        errors = {k: v for k, v in r.items() if isinstance(v, float) and ("/" in k or k.startswith("old_"))}
         required = ["old_scores", "free/grads", "replay/grads"]
         if r["last_stage"]:
             required += ["old_logp"] + [f"{m}/{k}" for m in ("free", "replay")
                                         for k in ("loss", "gamma", "logp", "expert_load")]
+        if "pp" not in layout:  # rollout generation (TP: sequence parallelism off; EP: ranks kept in step)
+            required += ["rollout/scores", "rollout/logp"]
+            assert r["rollout/tokens_equal"] and r["rollout/ids_equal"], f"{layout} rank {r['rank']}: rollout differs"
         assert set(required) <= errors.keys(), f"rank {r['rank']} did not compare {set(required) - errors.keys()}"
         assert r["free/num_grads"] > 0 and r["replay/num_grads"] == r["free/num_grads"]
         bad = {k: v for k, v in errors.items() if not v <= TOL}

@@ -9,11 +9,13 @@ data-parallel rank, and metric reductions over DP.
   log-probs (the loss is computed redundantly on every TP rank).
 - PP: a stage scores only its own MoE layers. Per micro-batch it computes, for those layers, the
   per-token router-shift distance and expert-set change (plus expert load) and sends them to the last
-  stage of its pipeline (``pipeline_routing.PipelineRouting``), which assembles all layers before γ.
+  stage of its pipeline (``routing_exchange.PipelineRouting``), which assembles all layers before γ.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_rspo.model.routing import routers
 from megatron_rspo.rl.experience import Experience
@@ -53,6 +56,13 @@ def mean_over_dp(metrics: dict[str, float]) -> dict[str, float]:
 
 def max_over_dp(value: float) -> float:
     return float(all_reduce_dp(torch.tensor([float(value)], dtype=torch.float64), dist.ReduceOp.MAX)[0])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
 
 
 def _pipeline_p2p_groups() -> tuple[Any, list[int]]:
@@ -106,7 +116,7 @@ class RoutingLayout:
     def local(cls, model: torch.nn.Module) -> RoutingLayout:
         """Without collectives: valid when the pipeline has one stage."""
         layers = [r.moe_index for r in routers(model)]
-        tp, tp_rank, sp, tp_group = 1, 0, False, None
+        tp, tp_rank, tp_group = 1, 0, None
         if _initialized():
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
                 raise RuntimeError("pipeline parallelism needs RoutingLayout.build(model), called on every rank "
@@ -114,8 +124,7 @@ class RoutingLayout:
             tp = parallel_state.get_tensor_model_parallel_world_size()
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
             tp_group = parallel_state.get_tensor_model_parallel_group()
-        config = getattr(model, "config", None)
-        sp = bool(getattr(config, "sequence_parallel", False)) and tp > 1
+        sp = bool(unwrap(model).config.sequence_parallel) and tp > 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         return cls(local_layers=layers, stage_layers=[layers], stage_ranks=[rank], tp_size=tp, tp_rank=tp_rank,
                    sequence_parallel=sp, tp_group=tp_group)
@@ -131,10 +140,9 @@ class RoutingLayout:
         dist.all_gather_object(stage_layers, layers, group=pp_group)
         p2p_group, stage_ranks = _pipeline_p2p_groups()
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        config = getattr(model, "config", None)
         return cls(local_layers=layers, stage_layers=[list(s or []) for s in stage_layers], stage_ranks=stage_ranks,
                    tp_size=tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                   sequence_parallel=bool(getattr(config, "sequence_parallel", False)) and tp > 1,
+                   sequence_parallel=bool(unwrap(model).config.sequence_parallel) and tp > 1,
                    tp_group=parallel_state.get_tensor_model_parallel_group(),
                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(), p2p_group=p2p_group)
 
@@ -167,6 +175,34 @@ class RoutingLayout:
     @property
     def seq_multiple(self) -> int:
         return self.tp_size if self.sequence_parallel else 1
+
+
+@contextlib.contextmanager
+def generation_mode(model: torch.nn.Module) -> Iterator[Optional[dist.ProcessGroup]]:
+    """Rollout generation in a TP and/or EP layout: yields the ``sync_group`` for ``generate``.
+
+    Decode steps feed one position, which cannot be split over TP ranks, so sequence parallelism is
+    switched off meanwhile (Megatron's own switch): every TP rank then runs, and routes, the whole
+    sequence of its DP rank's rows and records complete routing. MoE forwards are collective over the
+    TP/EP ranks, so all ranks keep in step (same prefill length and number of decode steps). Pipeline
+    parallelism has no generation path (it would need the pipelined inference schedule)."""
+    if not _initialized():
+        yield None
+        return
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("rollout generation needs --pipeline-model-parallel-size 1; the old-policy pass "
+                                  "and the training step support pipeline parallelism (docs/parallelism.md)")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    inner = unwrap(model)
+    sp = bool(inner.config.sequence_parallel)
+    if sp:
+        set_model_to_sequence_parallel(inner, False)
+    try:
+        yield dist.group.WORLD if tp > 1 or ep > 1 else None
+    finally:
+        if sp:
+            set_model_to_sequence_parallel(inner, True)
 
 
 @dataclass
@@ -206,19 +242,30 @@ def localize(exp: Experience, layout: RoutingLayout, dp_rank: int = 0, dp_size: 
     return out
 
 
-def pad_sequence(exp: Experience, multiple: int, pad_id: int = 0) -> Experience:
-    """Right-pad so the training forward length (S - 1) is a multiple of ``multiple`` (SP needs TP | S-1);
-    padded positions are masked out, so results do not change."""
-    extra = -(exp.tokens.shape[1] - 1) % multiple
+def agreed_forward_length(length: int, multiple: int = 1) -> int:
+    """The forward length every rank uses: the max over all ranks (MoE dispatchers gather tokens over EP
+    ranks, pipeline stages exchange fixed-shape activations), rounded up to ``multiple`` (SP: TP | length)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([length], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        length = int(t[0])
+    return -(-length // multiple) * multiple
+
+
+def pad_sequence(exp: Experience, forward_length: int, pad_id: int = 0) -> Experience:
+    """Right-pad to ``forward_length + 1`` tokens (the training forward runs over ``tokens[:, :-1]``); padded
+    positions are masked out, so results do not change."""
+    extra = forward_length + 1 - exp.tokens.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad {exp.tokens.shape[1]} tokens to a forward length of {forward_length}")
     if extra == 0:
         return exp
 
-    def pad(t: Optional[torch.Tensor], dim: int, value: float = 0) -> Optional[torch.Tensor]:
+    def pad(t: Optional[torch.Tensor], value: float = 0) -> Optional[torch.Tensor]:
         if t is None:
             return None
-        widths = [0, 0] * (t.dim() - dim - 1) + [0, extra]
-        return F.pad(t, widths, value=value)
+        return F.pad(t, [0, 0] * (t.dim() - 2) + [0, extra], value=value)  # dim 1 is the sequence
 
-    return replace(exp, tokens=pad(exp.tokens, 1, pad_id), response_mask=pad(exp.response_mask, 1),
-                   routing_ids=pad(exp.routing_ids, 1), old_logp=pad(exp.old_logp, 1),
-                   old_log_scores=pad(exp.old_log_scores, 1), ref_logp=pad(exp.ref_logp, 1))
+    return replace(exp, tokens=pad(exp.tokens, pad_id), response_mask=pad(exp.response_mask),
+                   routing_ids=pad(exp.routing_ids), old_logp=pad(exp.old_logp),
+                   old_log_scores=pad(exp.old_log_scores), ref_logp=pad(exp.ref_logp))

@@ -26,18 +26,25 @@ from megatron_rspo.rl.parallel import RoutingLayout, StageRouting
 from megatron_rspo.rl.router_shift import expert_set_changed, per_layer_router_shift
 
 
-def _stack(per_layer: dict[int, torch.Tensor], layers: list[int], batch: int, seq: int) -> torch.Tensor:
+def _stack(per_layer: dict[int, torch.Tensor], layers: list[int], batch: int, seq: int,
+           device: torch.device) -> torch.Tensor:
     """{layer: [S, B, K]} -> [B, S, L_stage, K] (a stage without MoE layers gives L_stage = 0)."""
     if not layers:
-        return torch.zeros(batch, seq, 0, 1)
-    return RoutingSession.stack(per_layer, layers)
+        return torch.zeros(batch, seq, 0, 1, device=device)
+    return RoutingSession.stack(per_layer, layers).to(device)
+
+
+def _local_len(layout: RoutingLayout, seq: int) -> int:
+    return len(range(seq)[layout.seq_slice(seq) or slice(None)])
 
 
 @torch.no_grad()
-def stage_scores(session: RoutingSession, layout: RoutingLayout, batch: int, seq_local: int) -> torch.Tensor:
+def stage_scores(session: RoutingSession, layout: RoutingLayout, batch: int, seq: int,
+                 device: torch.device) -> torch.Tensor:
     """Current router log-scores at the session's score ids for this stage's layers, [B, S, L_stage, K],
-    gathered over the TP group (old-policy pass)."""
-    return layout.gather_seq(_stack(session.current_log_scores, layout.local_layers, batch, seq_local), dim=1)
+    gathered over the TP group (old-policy pass; ``seq`` is the forward length)."""
+    return layout.gather_seq(_stack(session.current_log_scores, layout.local_layers, batch,
+                                    _local_len(layout, seq), device), dim=1)
 
 
 @torch.no_grad()
@@ -51,14 +58,14 @@ def stage_routing(session: RoutingSession, layout: RoutingLayout, old_log_scores
     """
     layers = layout.local_layers
     sl = layout.seq_slice(seq) or slice(None)
-    seq_local = len(range(seq)[sl])
+    seq_local = _local_len(layout, seq)
     shift = torch.full((batch, seq_local, len(layers)), float("nan"), device=device)
     changed = shift.clone()
-    if old_log_scores is not None and session.score_ids is not None:
-        current = _stack(session.current_log_scores, layers, batch, seq_local).to(device)
+    if layers and old_log_scores is not None and session.score_ids is not None:
+        current = _stack(session.current_log_scores, layers, batch, seq_local, device)
         shift = per_layer_router_shift(current, old_log_scores[:, sl].to(device))
-    if old_ids is not None and session.recorded_ids:
-        now = _stack(session.recorded_ids, layers, batch, seq_local).to(device)
+    if layers and old_ids is not None and session.recorded_ids:
+        now = _stack(session.recorded_ids, layers, batch, seq_local, device)
         changed = expert_set_changed(old_ids[:, sl][:, :, layers].to(device), now)
     per_token = layout.gather_seq(torch.stack([shift.float(), changed.float()], dim=-1), dim=1)
     if layers and session.expert_load:
@@ -85,7 +92,7 @@ class PipelineRouting:
 
     def collect(self, own: StageRouting, microbatch: int) -> StageRouting:
         """Last stage: this micro-batch's routing over ALL MoE layers (stage order = layer order)."""
-        if True:
+        if self.layout.pp_size == 1:
             return own
         batch, seq = own.shift.shape[:2]
         experts = own.load.shape[1]

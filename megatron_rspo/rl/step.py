@@ -20,7 +20,7 @@ from megatron_rspo.model.routing import RoutingSession, routing_session
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalty, masked_mean
 from megatron_rspo.rl.metrics import gamma_stats, router_shift_stats
-from megatron_rspo.rl.parallel import RoutingLayout
+from megatron_rspo.rl.parallel import RoutingLayout, unwrap
 from megatron_rspo.rl.router_shift import RouterShiftConfig, aggregate_layers, router_shift_ratio
 from megatron_rspo.rl.routing_exchange import PipelineRouting, stage_routing, stage_scores
 
@@ -55,10 +55,7 @@ def _policy_logits(model, exp: Experience, session: RoutingSession) -> torch.Ten
 
 
 def _num_experts(model) -> int:
-    inner = model
-    while not hasattr(inner, "config") and hasattr(inner, "module"):
-        inner = inner.module
-    return int(inner.config.num_moe_experts or 0)
+    return int(unwrap(model).config.num_moe_experts or 0)
 
 
 class _Step:
@@ -73,7 +70,7 @@ class _Step:
         return self.layout
 
     def finish(self) -> None:
-        """Called by the engine once the schedule has run."""
+        """Called by the engine once the schedule has run (nothing in flight by default)."""
 
 
 class OldPolicyStep(_Step):
@@ -95,8 +92,7 @@ class OldPolicyStep(_Step):
         logits = _policy_logits(model, exp, session)
         scores = None
         if self.need_scores:
-            sl = session.seq_slice or slice(None)
-            scores = stage_scores(session, layout, exp.tokens.shape[0], len(range(exp.tokens.shape[1] - 1)[sl]))
+            scores = stage_scores(session, layout, exp.tokens.shape[0], exp.tokens.shape[1] - 1, exp.tokens.device)
             self.log_scores.append(scores)
 
         def loss_func(logits: torch.Tensor):

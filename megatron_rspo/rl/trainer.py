@@ -15,13 +15,21 @@ import contextlib
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_rspo import checkpoint
-from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, add_dataclass_args, from_args
+from megatron_rspo.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    add_dataclass_args,
+    from_args,
+)
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
 from megatron_rspo.evaluation import decode_responses, evaluate_countdown
@@ -33,7 +41,14 @@ from megatron_rspo.rl.config import RLConfig
 from megatron_rspo.rl.experience import Experience, minibatches
 from megatron_rspo.rl.losses import PolicyLossConfig
 from megatron_rspo.rl.metrics import CollapseDetector, expert_load_stats
-from megatron_rspo.rl.parallel import all_reduce_dp, mean_over_dp
+from megatron_rspo.rl.parallel import (
+    RoutingLayout,
+    agreed_forward_length,
+    all_reduce_dp,
+    generation_mode,
+    mean_over_dp,
+    pad_sequence,
+)
 from megatron_rspo.rl.router_shift import RouterShiftConfig
 from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
 from megatron_rspo.rollout.generate import SamplingParams, generate
@@ -61,17 +76,25 @@ class RLTrainer:
         self.tok = load_tokenizer(run.tokenizer_model)
         if rl.init_from:  # the policy's architecture is the initial checkpoint's, not the CLI defaults
             saved = checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(rl.init_from))["ModelConfig"]
-            self.model_cfg = model_cfg = ModelConfig(**saved)
+            # ... except how it runs: the token dispatcher and the transformer implementation stay the CLI's
+            self.model_cfg = model_cfg = replace(ModelConfig(**saved),
+                                                 moe_token_dispatcher_type=model_cfg.moe_token_dispatcher_type,
+                                                 transformer_impl=model_cfg.transformer_impl)
             log.info("model config taken from %s", rl.init_from)
         model_cfg.vocab_size = model_cfg.vocab_size or self.tok.vocab_size
         self.train_set = countdown.load_jsonl(rl.train_data)
         self.test_set = countdown.load_jsonl(rl.test_data)[: rl.eval_samples]
+        if par.pipeline_model_parallel_size > 1:
+            raise ConfigError("RL rollouts need --pipeline-model-parallel-size 1 (generation has no pipelined "
+                              "path); the old-policy pass and the training step support it (docs/parallelism.md)")
         init_distributed(par, seed=run.seed)
+        setup_console_logging()  # again: only rank 0 logs at INFO, now that ranks are known
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
         rl.validate(self.dp, par.num_microbatches)
         steps = rl.train_iters * rl.ppo_epochs * rl.num_minibatches
         self.engine = Engine(model_cfg, par, opt, train_iters=steps)
+        self.layout = RoutingLayout.build(self.engine.module)  # collective: every rank, before any schedule
         self.state = RLState()
         self.collapse = CollapseDetector(window=rl.collapse_window, k=rl.collapse_sigmas)
         self._load()
@@ -87,6 +110,7 @@ class RLTrainer:
                                            placement=rl.router_shift_placement),
             routing_replay=rl.routing_replay, temperature=rl.temperature,
             num_moe_layers=num_moe_layers(model_cfg), kl_coeff=rl.kl_coeff, entropy_coeff=rl.entropy_coeff,
+            layout=self.layout,
         )
         self.metrics = MetricsLogger(run.tensorboard_dir)
 
@@ -121,9 +145,12 @@ class RLTrainer:
         prompts = [self.tok.encode(countdown.format_prompt(x, rl.template)) for x in insts]
         rows = [p for p in prompts for _ in range(rl.num_generations)]
         gen = torch.Generator().manual_seed(self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank)
-        ro = generate(self.engine.module, rows,
-                      SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p),
-                      eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, record_routing=True, generator=gen)
+        # TP ranks of a DP rank draw the same prompts and seed, and see the same gathered logits: same samples.
+        with generation_mode(self.engine.module) as group:
+            ro = generate(self.engine.module, rows,
+                          SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p),
+                          eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, record_routing=True, generator=gen,
+                          sync_group=group)
         texts = decode_responses(self.tok, ro.tokens, ro.prompt_lens, ro.response_lens)
         group_insts = [x for x in insts for _ in range(rl.num_generations)]
         rewards = torch.tensor([countdown.countdown_reward(countdown.response_for_scoring(t, rl.template), x)
@@ -138,16 +165,19 @@ class RLTrainer:
                  "reward/accuracy": (rewards >= 1.0).float().mean(),
                  "response/length_mean": ro.response_lens.float().mean(),
                  "response/eos_frac": ro.finished.float().mean() if ro.finished is not None else 1.0}
-        return exp.trimmed(), {k: float(v) for k, v in stats.items()}
+        exp = exp.trimmed()
+        length = agreed_forward_length(exp.tokens.shape[1] - 1, self.layout.seq_multiple)
+        return pad_sequence(exp, length, self.tok.pad_id), {k: float(v) for k, v in stats.items()}
 
     def old_policy_pass(self, exp: Experience) -> Experience:
         """Fill log pi_old and the old router log-scores (theta_old = the weights before any update)."""
         mbs = exp.split(self.par.num_microbatches)
         seq = exp.tokens.shape[1] - 1
         if self.rl.recompute_old_logprobs:
-            outs = self.engine.forward_only(make_old_policy_step(self.opts, need_scores=True), mbs, seq, len(mbs[0]))
-            exp.old_logp = torch.cat([o["logp"] for o in outs])
-            exp.old_log_scores = torch.cat([o["log_scores"] for o in outs])
+            step = make_old_policy_step(self.opts, need_scores=True)
+            outs = self.engine.forward_only(step, mbs, seq, len(mbs[0]))
+            exp.old_logp = torch.cat([o["logp"] for o in outs]) if outs else None  # last pipeline stage only
+            exp.old_log_scores = torch.cat(step.log_scores)  # this stage's MoE layers
         if self.ref is not None:
             from megatron_rspo.model.logprobs import forward_logits, token_logprobs
 
@@ -186,7 +216,9 @@ class RLTrainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
-        res = evaluate_countdown(self.engine.module, self.tok, self.test_set, self.rl.template, self.rl.max_new_tokens)
+        with generation_mode(self.engine.module) as group:
+            res = evaluate_countdown(self.engine.module, self.tok, self.test_set, self.rl.template,
+                                     self.rl.max_new_tokens, sync_group=group)
         return {f"eval/{k}": v for k, v in res.items()}
 
     # ------------------------------------------------------------------ the loop

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_rspo.model.routing import RoutingSession, routers, routing_session
@@ -137,18 +138,22 @@ def generate(
     use_cache: bool = True,
     record_routing: bool = True,
     generator: Optional[torch.Generator] = None,
+    sync_group: Optional[dist.ProcessGroup] = None,
 ) -> Rollout:
     """Sample a response for every prompt; see the module docstring for the layout and alignment.
 
     ``use_cache=False`` recomputes the whole prefix every step (the reference for tests).
     ``eos_id=None``: responses only stop at ``params.max_new_tokens``.
+    ``sync_group``: ranks whose forwards are collective (expert or tensor parallelism): they run the same
+    prefill length and number of steps, so each passes the same number of prompts.
     """
     _validate(prompts, params)
     _check_single_stage(model)
     device = _model_device(model)
     n = len(prompts)
     plens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    p_min, p_max = int(plens.min()), int(plens.max())
+    p_min = _agree(int(plens.min()), dist.ReduceOp.MIN, sync_group, device)
+    p_max = _agree(int(plens.max()), dist.ReduceOp.MAX, sync_group, device)
     buf_len = p_max + params.max_new_tokens  # room for the longest prompt plus a full response
     buf = torch.full((n, buf_len), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -189,7 +194,8 @@ def generate(
                 logits, session = step(buf, fed, end)
                 keep_routing(session, fed, end)
                 fed = t = end  # the position being produced now
-                if bool(done.all()) or t >= buf_len:
+                all_done = bool(_agree(int(done.all()), dist.ReduceOp.MIN, sync_group, device))
+                if all_done or t >= buf_len:
                     break  # this last forward only fed the final tokens for their routing records
                 new = sample(logits, params, generator)
                 live = ~done & (t >= plens)  # rows generating now (others: in their prompt, or done)
@@ -199,12 +205,21 @@ def generate(
                 hit_eos = live & (new == eos_id) if eos_id is not None else torch.zeros_like(live)
                 finished |= hit_eos
                 done |= hit_eos | (live & (rlens >= params.max_new_tokens))
-                if bool(done.all()) and not record:
+                if not record and _agree(int(done.all()), dist.ReduceOp.MIN, sync_group, device):
                     break  # no routing to record for the tokens just produced
     finally:
         model.train(was_training)
 
     return _assemble(buf, plens, rlens, logprobs, routing_ids, routing_scores, finished)
+
+
+def _agree(value: int, op: dist.ReduceOp, group: Optional[dist.ProcessGroup], device: torch.device) -> int:
+    """``value`` reduced over ``group`` (itself without one)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=op, group=group)
+    return int(t[0])
 
 
 def _assemble(

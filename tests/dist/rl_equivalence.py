@@ -5,11 +5,12 @@ tiny MoE in a given parallel layout, compared with the single-rank reference.
     torchrun --nproc-per-node=2 rl_equivalence.py WORK_DIR dp2 ep2_allgather ...   # each layout in turn
 
 The reference builds the model, a synthetic experience (random tokens and masks, routing ids from a
-record pass) and saves the full weights. Every layout loads those weights sharded to its ranks, runs
-the old-policy pass (log pi_old, old router scores), perturbs the router weights identically everywhere
-(so the router shift is non-trivial), then a forward-backward with RSPO (router shift on), with and
-without routing replay. Each rank compares its loss, per-token γ and log-probs, old-pass outputs and
-its gradient shards with the reference's and writes the max errors to WORK_DIR/<layout>.rank<r>.json.
+record pass) and saves the full weights. Every layout loads those weights sharded to its ranks,
+generates greedily from fixed prompts (layouts without PP), runs the old-policy pass (log pi_old, old
+router scores), perturbs the router weights identically everywhere (so the router shift is
+non-trivial), then a forward-backward with RSPO (router shift on), with and without routing replay.
+Each rank compares its rollout, loss, per-token γ and log-probs, old-pass outputs, metrics and gradient
+shards with the reference's and writes the max errors to WORK_DIR/<layout>.rank<r>.json.
 """
 
 from __future__ import annotations
@@ -23,12 +24,28 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
+from megatron_rspo.engine import Engine
+from megatron_rspo.model.logprobs import forward_logits
+from megatron_rspo.model.provider import init_distributed
+from megatron_rspo.model.routing import RoutingSession, routers, routing_session
+from megatron_rspo.rl.experience import Experience
+from megatron_rspo.rl.losses import PolicyLossConfig
+from megatron_rspo.rl.parallel import RoutingLayout, all_reduce_dp, generation_mode, localize
+from megatron_rspo.rl.router_shift import RouterShiftConfig
+from megatron_rspo.rl.step import OldPolicyStep, StepOptions, TrainStep, loss_units
+from megatron_rspo.rollout.generate import SamplingParams, generate
 
 warnings.filterwarnings("ignore")
 
 MODEL = dict(vocab_size=64, num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=64,
              moe_ffn_hidden_size=32, num_experts=4, moe_router_topk=2, init_method_std=0.05,
              max_position_embeddings=32)
+# Rollout generation (greedy) per DP rank: prompt lengths differ between the sets, so EP ranks must agree on
+# the prefill length and the number of decode steps.
+PROMPTS = [[[1, 5, 7], [1, 9], [3, 4, 5, 6], [2, 2]], [[7, 7, 7, 7, 7], [4], [9, 8], [6, 1, 2]]]
 ROWS, SEQ, MICROBATCHES = 8, 17, 4  # tokens [8, 17]: forwards of 16 positions (a multiple of TP=2)
 # name: (TP, PP, EP, dispatcher); sequence parallelism whenever TP > 1
 LAYOUTS = {
@@ -44,11 +61,8 @@ LAYOUTS = {
 }
 
 
-def synthetic_experience(model, cfg) -> "Experience":  # noqa: F821
-    from megatron_rspo.model.logprobs import forward_logits
-    from megatron_rspo.model.routing import RoutingSession, routing_session
-    from megatron_rspo.rl.experience import Experience
-
+def synthetic_experience(model, cfg: ModelConfig) -> Experience:
+    """Random tokens, right padding, response masks of varied length; routing ids from a record pass."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, cfg.vocab_size, (ROWS, SEQ), generator=g)
     prompt = torch.randint(2, 6, (ROWS,), generator=g)
@@ -65,10 +79,16 @@ def synthetic_experience(model, cfg) -> "Experience":  # noqa: F821
     return Experience(tokens=tokens, response_mask=mask, advantages=adv, rewards=adv, routing_ids=ids)
 
 
+def rollout(model, dp_rank: int) -> dict[str, torch.Tensor]:
+    """Greedy generation of this DP rank's prompt set, in the layout's generation mode."""
+    with generation_mode(model) as group:
+        ro = generate(model, PROMPTS[dp_rank], SamplingParams(max_new_tokens=6, temperature=0.0), eos_id=None,
+                      pad_id=0, sync_group=group)
+    return {"tokens": ro.tokens, "ids": ro.routing_ids, "scores": ro.routing_log_scores, "logp": ro.logprobs}
+
+
 def reference_shard(name: str, param: torch.Tensor, full: dict[str, torch.Tensor], model) -> torch.Tensor:
     """The slice of the single-rank tensor ``full[...]`` that local parameter ``name`` holds here."""
-    from megatron.core import parallel_state as ps
-
     m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
     if m:  # local layer index -> global (pipeline stages hold consecutive layers)
         number = model.decoder.layers[int(m.group(1))].layer_number
@@ -96,18 +116,6 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_layout(name: str, work: str) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
-    from megatron_rspo.engine import Engine
-    from megatron_rspo.model.provider import init_distributed
-    from megatron_rspo.model.routing import routers
-    from megatron_rspo.rl.experience import Experience
-    from megatron_rspo.rl.losses import PolicyLossConfig
-    from megatron_rspo.rl.parallel import RoutingLayout, all_reduce_dp, localize
-    from megatron_rspo.rl.router_shift import RouterShiftConfig
-    from megatron_rspo.rl.step import OldPolicyStep, StepOptions, TrainStep, loss_units
-
     tp, pp, ep, dispatcher = LAYOUTS[name]
     cfg = ModelConfig(**MODEL, moe_token_dispatcher_type=dispatcher)
     dp = int(os.environ.get("WORLD_SIZE", 1)) // (tp * pp)
@@ -129,12 +137,17 @@ def run_layout(name: str, work: str) -> None:
                 p.copy_(reference_shard(pname, p, full_state, model))
     layout = RoutingLayout.build(model)
     dp_rank = ps.get_data_parallel_rank()
+    if is_ref:
+        generated = [rollout(model, i) for i in range(len(PROMPTS))]
+    elif pp == 1:
+        generated = rollout(model, dp_rank)
     local = localize(exp, layout, dp_rank, dp)
     rows = slice(dp_rank * len(local), (dp_rank + 1) * len(local))
     micro = local.split(par.num_microbatches)
     seq, mbs = SEQ - 1, len(micro[0])
-    opts = StepOptions(algorithm="rspo", loss=PolicyLossConfig(), router_shift=RouterShiftConfig(enabled=True, floor=0.5),
-                       routing_replay=False, temperature=1.0, num_moe_layers=layout.num_moe_layers, layout=layout)
+    opts = StepOptions(algorithm="rspo", loss=PolicyLossConfig(), routing_replay=False, temperature=1.0,
+                       router_shift=RouterShiftConfig(enabled=True, floor=0.5), num_moe_layers=layout.num_moe_layers,
+                       layout=layout)
 
     old = OldPolicyStep(opts, need_scores=True)
     outs = engine.forward_only(old, micro, seq, mbs)
@@ -165,8 +178,8 @@ def run_layout(name: str, work: str) -> None:
 
     if is_ref:
         full_exp = replace(exp, old_logp=old_logp, old_log_scores=old_scores)
-        torch.save({"state": full_state, "exp": asdict(exp), "old_exp": asdict(full_exp), "results": results},
-                   os.path.join(work, "ref.pt"))
+        torch.save({"state": full_state, "exp": asdict(exp), "old_exp": asdict(full_exp), "results": results,
+                    "generated": generated}, os.path.join(work, "ref.pt"))
         mask = exp.response_mask.bool()
         gamma = results["free"]["gamma"][mask]
         report = {"gamma_min": float(gamma.min()), "gamma_mean": float(gamma.mean()),
@@ -175,6 +188,12 @@ def run_layout(name: str, work: str) -> None:
                   "grad_max": max(float(g.abs().max()) for g in results["free"]["grads"].values())}
     else:
         report = compare(ref, results, old_logp, old_scores, layout, rows, model)
+        if pp == 1:
+            want = ref["generated"][dp_rank]
+            report["rollout/tokens_equal"] = torch.equal(generated["tokens"], want["tokens"])
+            report["rollout/ids_equal"] = torch.equal(generated["ids"], want["ids"])
+            report["rollout/scores"] = max_err(generated["scores"], want["scores"])
+            report["rollout/logp"] = max_err(generated["logp"], want["logp"])
     report.update(layout=name, rank=dist.get_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
                   pp_rank=ps.get_pipeline_model_parallel_rank(), ep_rank=ps.get_expert_model_parallel_rank(),
                   dp_rank=dp_rank, last_stage=layout.is_last_stage)
@@ -197,8 +216,8 @@ def compare(ref: dict, results: dict, old_logp, old_scores, layout, rows: slice,
             out[f"{mode}/logp"] = max_err(res["logp"], want["logp"][rows])
             out[f"{mode}/expert_load"] = max_err(res["expert_load"], want["expert_load"])
             if rows == slice(0, len(want["logp"])):  # one DP rank: the same micro-batches as the reference
-                out[f"{mode}/stats"] = max(max_err(a[k].float(), b[k].float()) for a, b in zip(res["stats"], want["stats"])
-                                           for k in b)
+                out[f"{mode}/stats"] = max(max_err(a[k].float(), b[k].float())
+                                           for a, b in zip(res["stats"], want["stats"]) for k in b)
                 if any(a.keys() != b.keys() for a, b in zip(res["stats"], want["stats"])):
                     raise AssertionError("the step reports other metrics than the reference's")
         errs = []
