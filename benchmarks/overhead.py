@@ -102,10 +102,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--out", default=None, help="write a markdown table here")
+    p.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES], choices=[s.name for s in SHAPES])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [bench_shape(s, args.rows, args.seq, args.repeats) for s in SHAPES]
+    results = [bench_shape(s, args.rows, args.seq, args.repeats) for s in SHAPES if s.name in args.shapes]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     lines = [
         f"# RSPO vs GMPO train-step overhead ({device})", "",

@@ -9,11 +9,12 @@ OUT=${OUT:-runs/countdown_tiny}
 DATA=${DATA:-data/countdown}
 SFT_ITERS=${SFT_ITERS:-1500}
 SEED=${SEED:-1234}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # lower it when the cores are shared: oversubscription is very slow
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's Apex/TE fallback notices
 
 start=$(date +%s)
 echo "== 1/3 data + tokenizer -> $DATA"
-$PYTHON tools/make_countdown_data.py --out-dir "$DATA" --num-train 12000 --num-test 500 \
+$PYTHON tools/make_countdown_data.py --out-dir "$DATA" --num-train 12000 --num-test 2000 \
     --num-numbers 3 --max-number 20 --max-target 100 --vocab-size 64 --seed "$SEED"
 
 # The tiny policy: a Qwen-MoE-like decoder (RMSNorm, RoPE, SwiGLU experts), every layer MoE.
@@ -29,5 +30,5 @@ $PYTHON -m megatron_rspo.sft "${MODEL_ARGS[@]}" \
 
 echo "== 3/3 held-out evaluation of the saved checkpoint"
 $PYTHON tools/eval_countdown.py --load "$OUT/sft" --test-data "$DATA/test.jsonl" \
-    --tokenizer-model "$DATA/tokenizer.model" --num-samples 500 | tee "$OUT/eval_sft.json"
+    --tokenizer-model "$DATA/tokenizer.model" --num-samples 2000 | tee "$OUT/eval_sft.json"
 echo "demo finished in $(( $(date +%s) - start )) s; tensorboard --logdir $OUT/tb"

@@ -11,20 +11,21 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/countdown_tiny}
 DATA=${DATA:-data/countdown}
 ALGO=${ALGO:-rspo}
-RL_ITERS=${RL_ITERS:-60}
+RL_ITERS=${RL_ITERS:-300}
 SEED=${SEED:-1234}
 EXTRA=${EXTRA:-}
 RUN=${RUN:-$OUT/rl_${ALGO}${EXTRA// /}}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # lower it when the cores are shared: oversubscription is very slow
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's Apex/TE fallback notices
 [ -d "$OUT/sft" ] || { echo "no SFT checkpoint at $OUT/sft: run examples/countdown_tiny_cpu.sh first"; exit 1; }
 
 start=$(date +%s)
-# Off-policy reuse: one rollout of 16 prompts x 8 samples feeds 4 mini-batch steps.
+# Off-policy reuse: one rollout of 32 prompts x 8 samples feeds 4 mini-batch steps of 64 responses.
 # shellcheck disable=SC2086
 $PYTHON -m megatron_rspo.rl.trainer --init-from "$OUT/sft" --rl-algorithm "$ALGO" $EXTRA \
     --train-data "$DATA/train.jsonl" --test-data "$DATA/test.jsonl" --tokenizer-model "$DATA/tokenizer.model" \
-    --train-iters "$RL_ITERS" --rollout-batch-size 16 --num-generations 8 --max-new-tokens 16 \
-    --num-minibatches 4 --ppo-epochs 1 --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 \
-    --eval-interval 20 --eval-samples 500 --log-interval 5 --seed "$SEED" \
-    --save "$RUN" --save-interval 20 --keep-last 2 --tensorboard-dir "$OUT/tb/$(basename "$RUN")"
+    --train-iters "$RL_ITERS" --rollout-batch-size 32 --num-generations 8 --max-new-tokens 16 \
+    --num-minibatches 4 --ppo-epochs 1 --lr 1e-4 --lr-warmup-iters 10 --lr-decay-style constant --clip-grad 1.0 \
+    --eval-interval 100 --eval-samples 2000 --log-interval 10 --seed "$SEED" \
+    --save "$RUN" --save-interval 50 --keep-last 2 --tensorboard-dir "$OUT/tb/$(basename "$RUN")"
 echo "RL ($ALGO $EXTRA) finished in $(( $(date +%s) - start )) s; checkpoints in $RUN"
