@@ -4,6 +4,7 @@
 #   ALGO=grpo bash examples/countdown_tiny_cpu_rl.sh                    # GRPO baseline
 #   ALGO=grpo EXTRA="--router-shift" bash examples/countdown_tiny_cpu_rl.sh   # GRPO + RS plug-in
 #   ALGO=gmpo EXTRA="--routing-replay" bash examples/countdown_tiny_cpu_rl.sh # routing replay baseline
+# About 10 minutes on 2 CPU cores (300 iterations). RL_ITERS, LR, SEED, OUT, DATA override the defaults.
 # Needs the SFT checkpoint: run examples/countdown_tiny_cpu.sh (make demo) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ start=$(date +%s)
 $PYTHON -m megatron_rspo.rl.trainer --init-from "$OUT/sft" --rl-algorithm "$ALGO" $EXTRA \
     --train-data "$DATA/train.jsonl" --test-data "$DATA/test.jsonl" --tokenizer-model "$DATA/tokenizer.model" \
     --train-iters "$RL_ITERS" --rollout-batch-size 32 --num-generations 8 --max-new-tokens 16 \
-    --num-minibatches 4 --ppo-epochs 1 --lr 1e-4 --lr-warmup-iters 10 --lr-decay-style constant --clip-grad 1.0 \
+    --num-minibatches 4 --ppo-epochs 1 --lr "${LR:-2e-5}" --lr-warmup-iters 10 --lr-decay-style constant --clip-grad 1.0 \
     --eval-interval 100 --eval-samples 2000 --log-interval 10 --seed "$SEED" \
     --save "$RUN" --save-interval 50 --keep-last 2 --tensorboard-dir "$OUT/tb/$(basename "$RUN")"
 echo "RL ($ALGO $EXTRA) finished in $(( $(date +%s) - start )) s; checkpoints in $RUN"

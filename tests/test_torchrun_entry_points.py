@@ -10,21 +10,13 @@ import sys
 
 import pytest
 
-from megatron_rspo.tasks import countdown
-from megatron_rspo.tokenizer import train_sentencepiece
-
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
          "--num-experts", "4", "--moe-router-topk", "2", "--log-interval", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("countdown")
-    train, test = countdown.generate_splits(64, 8, seed=3)
-    countdown.save_jsonl(train, d / "train.jsonl")
-    countdown.save_jsonl(test, d / "test.jsonl")
-    train_sentencepiece([countdown.format_prompt(x) + countdown.sft_completion(x) for x in train + test],
-                        str(d / "tok"), vocab_size=48)
+def data(countdown_data):
+    d = countdown_data
     return ["--train-data", str(d / "train.jsonl"), "--test-data", str(d / "test.jsonl"),
             "--tokenizer-model", str(d / "tok.model")]
 
