@@ -2,9 +2,11 @@
 routing record's bytes per token.
 
 For each model shape, one engine (model + Megatron DDP + optimizer) trains on the same synthetic rollout
-with both losses, interleaved (GMPO, RSPO, GMPO, ...) so machine noise hits both alike; the ratio of
-medians is the overhead. RSPO's extra work per step: the router log-scores at the recorded ids in the
-training forward, and gamma from them.
+with each variant, interleaved round-robin so machine noise hits all alike; the ratio of medians is the
+overhead. Variants: ``gmpo`` (plain: no routing records, Megatron's own routing), ``gmpo+diag`` (GMPO with
+the router diagnostics the trainer logs: scores at the old ids, expert-set change), ``rspo`` (the
+same scores, turned into gamma). RSPO's extra work per step is the router log-scores at the recorded ids
+in the training forward (a log-softmax over E and a gather of K per token and layer) and gamma.
 
     python benchmarks/overhead.py --out docs/overhead.md
 """
@@ -15,7 +17,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -66,31 +68,33 @@ def bench_shape(shape: Shape, rows: int, seq: int, repeats: int) -> dict:
     init_distributed(par, seed=1)
     engine = Engine(cfg, par, OptimConfig(lr=1e-5), train_iters=10 * repeats)
     exp = synthetic_experience(engine.module, cfg, rows, seq, torch.Generator().manual_seed(0))
-    opts = {alg: StepOptions(algorithm=alg, loss=PolicyLossConfig(), routing_replay=False, temperature=1.0,
-                             router_shift=RouterShiftConfig(enabled=alg == "rspo"), num_moe_layers=num_moe_layers(cfg))
-            for alg in ("gmpo", "rspo")}
+    variants = ("gmpo", "gmpo+diag", "rspo")
+    opts = {v: StepOptions(algorithm=v.split("+")[0], loss=PolicyLossConfig(), routing_replay=False, temperature=1.0,
+                           router_shift=RouterShiftConfig(enabled=v == "rspo"), num_moe_layers=num_moe_layers(cfg))
+            for v in variants}
     outs = engine.forward_only(make_old_policy_step(opts["rspo"], need_scores=True), [exp], seq - 1, rows)
     exp.old_logp, exp.old_log_scores = outs[0]["logp"], outs[0]["log_scores"]
-    times: dict[str, list[float]] = {"gmpo": [], "rspo": []}
+    data = {"gmpo": replace(exp, routing_ids=None, old_log_scores=None), "gmpo+diag": exp, "rspo": exp}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     mem: dict[str, float] = {}
     for i in range(repeats + 1):
-        for alg in ("gmpo", "rspo") if i % 2 == 0 else ("rspo", "gmpo"):
-            step = make_train_step(opts[alg], loss_units(alg, opts[alg].loss, exp.response_mask), engine.loss_scale)
+        for v in variants[i % 3:] + variants[: i % 3]:
+            step = make_train_step(opts[v], loss_units("gmpo", opts[v].loss, exp.response_mask), engine.loss_scale)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            engine.train_step(step, [exp], seq - 1, rows)
+            engine.train_step(step, [data[v]], seq - 1, rows)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-                mem[alg] = torch.cuda.max_memory_allocated() / 2**20
+                mem[v] = torch.cuda.max_memory_allocated() / 2**20
             if i > 0:  # the first round is warm-up
-                times[alg].append(time.perf_counter() - t0)
-    g, r = statistics.median(times["gmpo"]), statistics.median(times["rspo"])
+                times[v].append(time.perf_counter() - t0)
+    g, d, r = (statistics.median(times[v]) for v in variants)
     ids, scores = exp.routing_ids, exp.old_log_scores
     per_tok = ids[0, 0].numel() * ids.element_size() + scores[0, 0].numel() * scores.element_size()
     return {"shape": shape.name, "params": sum(p.numel() for p in engine.module.parameters()),
-            "L x K": f"{num_moe_layers(cfg)} x {shape.topk}", "gmpo_ms": 1e3 * g, "rspo_ms": 1e3 * r,
-            "ratio": r / g, "record_bytes_per_token": per_tok,
+            "L x K": f"{num_moe_layers(cfg)} x {shape.topk}", "gmpo_ms": 1e3 * g, "diag_ms": 1e3 * d,
+            "rspo_ms": 1e3 * r, "ratio": r / g, "ratio_diag": r / d, "record_bytes_per_token": per_tok,
             "ids_bytes_per_token": ids[0, 0].numel() * ids.element_size(),
             "gpu_mem_mib": f"{mem.get('gmpo', float('nan')):.0f} / {mem.get('rspo', float('nan')):.0f}"}
 
@@ -113,13 +117,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"Command: `python benchmarks/overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
         f"{args.rows} responses x {args.seq} tokens per step (3/4 response), fp32, one optimizer step each; "
         f"medians of {args.repeats} interleaved steps after a warm-up.", "",
-        "| shape | params | MoE layers x top-k | GMPO ms | RSPO ms | RSPO/GMPO "
+        "| shape | params | MoE layers x top-k | GMPO ms | GMPO+diag ms | RSPO ms | RSPO/GMPO | RSPO/GMPO+diag "
         "| record bytes/token (ids + old scores) | GPU peak MiB GMPO / RSPO |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        lines.append(f"| {r['shape']} | {r['params']:,} | {r['L x K']} | {r['gmpo_ms']:.1f} | {r['rspo_ms']:.1f} | "
-                     f"{r['ratio']:.3f} | {r['record_bytes_per_token']} ({r['ids_bytes_per_token']} ids) | "
+        lines.append(f"| {r['shape']} | {r['params']:,} | {r['L x K']} | {r['gmpo_ms']:.1f} | {r['diag_ms']:.1f} | "
+                     f"{r['rspo_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_diag']:.3f} | "
+                     f"{r['record_bytes_per_token']} ({r['ids_bytes_per_token']} ids) | "
                      f"{r['gpu_mem_mib']} |")
     text = "\n".join(lines) + "\n"
     print(text)

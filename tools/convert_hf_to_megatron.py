@@ -3,14 +3,21 @@
     python tools/convert_hf_to_megatron.py --hf-dir Qwen3-30B-A3B --save ckpt/qwen3 \
         --tensor-model-parallel-size 2 --expert-model-parallel-size 8
 
-Runs on one process; the result is a model-only distributed checkpoint (iteration 0) that loads into
-any TP/EP/PP layout (dist_checkpointing reshards at load). The layout flags are validated against
-the model and recorded in run_config.json. See docs/conversion.md.
+On one process the whole model is built (TP=EP=PP=1) and the layout flags are only validated and
+recorded. Under torchrun the flags are the real layout (world size = TP x PP x DP) and each rank
+converts only its shard, so memory per rank is about model / (TP x EP x PP shards) + one HF layer:
+
+    torchrun --nproc-per-node=8 tools/convert_hf_to_megatron.py --hf-dir Qwen3-30B-A3B --save ckpt/qwen3 \
+        --tensor-model-parallel-size 2 --expert-model-parallel-size 8
+
+Either way the result is a model-only distributed checkpoint (iteration 0) that loads into any TP/EP/PP
+layout (dist_checkpointing reshards at load). See docs/conversion.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -33,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                               expert_model_parallel_size=args.expert_model_parallel_size,
                               pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    rc = 0
     try:
         convert_hf_to_megatron(args.hf_dir, args.save, parallel, dtype=args.dtype)
     except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        rc = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: leave the process group cleanly
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return rc
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns worker processes

@@ -99,9 +99,25 @@ def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Te
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
+def expert_to_megatron(arch: HFArch, layer: int, expert: int, get: Callable[[str], torch.Tensor],
+                       fused_experts: bool = False) -> dict[str, torch.Tensor]:
+    """One routed expert's HF tensors -> ``{fc1 key: [gate; up] (2I, H), fc2 key: down (H, I)}``."""
+    moe = hf_layer_prefix(layer) + arch.moe_prefix + "."
+    if fused_experts:
+        return {EXPERT_KEYS[0]: get(moe + "experts.gate_up_proj")[expert],
+                EXPERT_KEYS[1]: get(moe + "experts.down_proj")[expert]}
+    g, u, d = arch.expert_names
+    x = f"{moe}experts.{expert}."
+    return {EXPERT_KEYS[0]: torch.cat([get(x + g + ".weight"), get(x + u + ".weight")]),
+            EXPERT_KEYS[1]: get(x + d + ".weight")}
+
+
 def layer_to_megatron(arch: HFArch, m: ModelConfig, layer: int, get: Callable[[str], torch.Tensor],
-                      fused_experts: bool = False) -> dict[str, torch.Tensor]:
-    """One layer's HF tensors (fetched with ``get``) -> Megatron global names (without the layer prefix)."""
+                      fused_experts: bool = False, with_experts: bool = True) -> dict[str, torch.Tensor]:
+    """One layer's HF tensors (fetched with ``get``) -> Megatron global names (without the layer prefix).
+
+    ``with_experts=False`` leaves out the routed experts (convert them one at a time with
+    ``expert_to_megatron``)."""
     p = hf_layer_prefix(layer)
     a, moe = p + "self_attn.", p + arch.moe_prefix + "."
     out = {"self_attention.linear_qkv.layer_norm_weight": get(p + "input_layernorm.weight"),
@@ -116,7 +132,9 @@ def layer_to_megatron(arch: HFArch, m: ModelConfig, layer: int, get: Callable[[s
     out["self_attention.linear_proj.weight"] = get(a + "o_proj.weight")
     out["mlp.linear_fc1.layer_norm_weight"] = get(p + "post_attention_layernorm.weight")
     out["mlp.router.weight"] = get(moe + "gate.weight")
-    if fused_experts:
+    if not with_experts:
+        pass
+    elif fused_experts:
         out[EXPERT_KEYS[0]] = get(moe + "experts.gate_up_proj")
         out[EXPERT_KEYS[1]] = get(moe + "experts.down_proj")
     else:

@@ -130,7 +130,8 @@ class TrainStep(_Step):
             self.pipe = PipelineRouting(layout)
         microbatch, self.microbatch = self.microbatch, self.microbatch + 1
         score = (rs.enabled or exp.old_log_scores is not None) and exp.routing_ids is not None
-        session = _session(exp, opts, layout, score=score, record=True)
+        # Without rollout ids (plain baselines) there is nothing to score or compare: route as Megatron does.
+        session = _session(exp, opts, layout, score=score, record=exp.routing_ids is not None)
         logits = _policy_logits(model, exp, session)
         ids = None if exp.routing_ids is None else exp.routing_ids[:, :-1]
         part = stage_routing(session, layout, exp.old_log_scores if score else None, ids, exp.tokens.shape[0],
