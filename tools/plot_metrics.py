@@ -61,17 +61,20 @@ def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title:
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}  # one colour per run in every panel
     for ax, (tag, name) in zip(axes.flat, panels):
         for label, data in runs.items():
             if tag in data:
                 steps, values = data[tag]
-                ax.plot(steps, values, label=label, marker="o" if len(steps) < 12 else None, ms=3)
+                ax.plot(steps, values, label=label, color=colors[label], marker="o" if len(steps) < 12 else None,
+                        ms=3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("RL iteration", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    handles = [plt.Line2D([], [], color=colors[label], label=label) for label in runs]
+    axes.flat[0].legend(handles=handles, fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
