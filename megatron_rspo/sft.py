@@ -34,7 +34,7 @@ from megatron_rspo.engine import Engine
 from megatron_rspo.evaluation import evaluate_countdown
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.logprobs import forward_logits, token_logprobs
-from megatron_rspo.model.provider import init_distributed
+from megatron_rspo.model.provider import init_distributed, shutdown_distributed
 from megatron_rspo.rl.parallel import agreed_forward_length, generation_mode
 from megatron_rspo.tasks import countdown
 from megatron_rspo.tokenizer import Tokenizer, load_tokenizer
@@ -169,3 +169,4 @@ def main(argv: list[str] | None = None) -> float:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

@@ -14,7 +14,7 @@ import time
 from megatron_rspo import checkpoint
 from megatron_rspo.config import ModelConfig, ParallelConfig
 from megatron_rspo.evaluation import evaluate_countdown
-from megatron_rspo.model.provider import build_model, init_distributed
+from megatron_rspo.model.provider import build_model, init_distributed, shutdown_distributed
 from megatron_rspo.tasks import countdown
 from megatron_rspo.tokenizer import load_tokenizer
 
@@ -52,3 +52,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

@@ -67,6 +67,19 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def shutdown_distributed() -> None:
+    """End of an entry point: wait for every rank, then tear the process groups down explicitly (left to
+    interpreter exit, gloo's worker threads can abort the process: "terminate called without an active
+    exception")."""
+    global _LAYOUT
+    if dist.is_initialized():
+        dist.barrier()
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    _LAYOUT = None
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """Megatron TransformerConfig for our ModelConfig (CPU-safe fusions off without CUDA)."""
     on_gpu = cuda_available()

@@ -34,7 +34,7 @@ from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
 from megatron_rspo.evaluation import decode_responses, evaluate_countdown
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
-from megatron_rspo.model.provider import init_distributed, num_moe_layers
+from megatron_rspo.model.provider import build_model, init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
 from megatron_rspo.rl.advantages import group_relative_advantages
 from megatron_rspo.rl.config import RLConfig
@@ -130,8 +130,6 @@ class RLTrainer:
             log.info("initialised the policy from %s", self.rl.init_from)
 
     def _reference_model(self) -> torch.nn.Module:
-        from megatron_rspo.model.provider import build_model
-
         ref = build_model(self.model_cfg, self.par)
         ref.load_state_dict(self.engine.module.state_dict())
         ref.eval().requires_grad_(False)
@@ -303,3 +301,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()
