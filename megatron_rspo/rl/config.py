@@ -13,10 +13,10 @@ class RLConfig:
     rl_algorithm: Literal["grpo", "gspo", "gmpo", "rspo"] = "rspo"
     init_from: Optional[str] = None  # checkpoint to take the initial policy weights from (e.g. the SFT run)
     # Task and data
-    task: Literal["countdown"] = "countdown"
+    task: Literal["countdown", "math", "code"] = "countdown"  # tasks/registry.py
     train_data: str = "data/countdown/train.jsonl"
     test_data: str = "data/countdown/test.jsonl"
-    template: str = "tiny"
+    template: str = "tiny"  # "tiny" (the demo's Countdown prompt) or "chat" (wrapped in the tokenizer's chat template)
     # Rollout
     rollout_batch_size: int = 16  # prompts per iteration (all DP ranks together)
     num_generations: int = 8  # G samples per prompt

@@ -32,7 +32,7 @@ from megatron_rspo.config import (
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
-from megatron_rspo.evaluation import decode_responses, evaluate_countdown
+from megatron_rspo.evaluation import decode_responses, evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.provider import build_model, init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
@@ -52,7 +52,7 @@ from megatron_rspo.rl.parallel import (
 from megatron_rspo.rl.router_shift import RouterShiftConfig
 from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
 from megatron_rspo.rollout.generate import SamplingParams, generate
-from megatron_rspo.tasks import countdown
+from megatron_rspo.tasks.registry import get_task
 from megatron_rspo.tokenizer import load_tokenizer
 
 CONFIG_CLASSES = (ModelConfig, ParallelConfig, OptimConfig, RunConfig, RLConfig)
@@ -82,8 +82,9 @@ class RLTrainer:
                                                  transformer_impl=model_cfg.transformer_impl)
             log.info("model config taken from %s", rl.init_from)
         model_cfg.vocab_size = model_cfg.vocab_size or self.tok.vocab_size
-        self.train_set = countdown.load_jsonl(rl.train_data)
-        self.test_set = countdown.load_jsonl(rl.test_data)[: rl.eval_samples]
+        self.task = get_task(rl.task)
+        self.train_set = self.task.load(rl.train_data)
+        self.test_set = self.task.load(rl.test_data)[: rl.eval_samples]
         if par.pipeline_model_parallel_size > 1:
             raise ConfigError("RL rollouts need --pipeline-model-parallel-size 1 (generation has no pipelined "
                               "path); the old-policy pass and the training step support it (docs/parallelism.md)")
@@ -140,7 +141,7 @@ class RLTrainer:
         rl = self.rl
         per_rank = rl.rollout_batch_size // self.dp
         insts = [self.train_set[i] for i in self.stream.take(per_rank)]
-        prompts = [self.tok.encode(countdown.format_prompt(x, rl.template)) for x in insts]
+        prompts = [self.tok.encode(self.task.prompt(x, rl.template, self.tok)) for x in insts]
         rows = [p for p in prompts for _ in range(rl.num_generations)]
         gen = torch.Generator().manual_seed(self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank)
         # TP ranks of a DP rank draw the same prompts and seed, and see the same gathered logits: same samples.
@@ -151,7 +152,7 @@ class RLTrainer:
                           sync_group=group)
         texts = decode_responses(self.tok, ro.tokens, ro.prompt_lens, ro.response_lens)
         group_insts = [x for x in insts for _ in range(rl.num_generations)]
-        rewards = torch.tensor([countdown.countdown_reward(countdown.response_for_scoring(t, rl.template), x)
+        rewards = torch.tensor([self.task.score(t, x, rl.template)
                                 for t, x in zip(texts, group_insts)], dtype=torch.float32)
         adv = group_relative_advantages(rewards, rl.num_generations, normalize_std=rl.normalize_advantage_std)
         exp = Experience(tokens=ro.tokens, response_mask=ro.response_mask, advantages=adv, rewards=rewards,
@@ -160,7 +161,7 @@ class RLTrainer:
             exp.old_logp = ro.logprobs
             exp.old_log_scores = ro.routing_log_scores[:, :-1]
         stats = {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
-                 "reward/accuracy": (rewards >= 1.0).float().mean(),
+                 "reward/accuracy": (rewards >= self.task.full_score).float().mean(),
                  "response/length_mean": ro.response_lens.float().mean(),
                  "response/eos_frac": ro.finished.float().mean() if ro.finished is not None else 1.0}
         exp = exp.trimmed()
@@ -215,8 +216,8 @@ class RLTrainer:
 
     def evaluate(self) -> dict[str, float]:
         with generation_mode(self.engine.module) as group:
-            res = evaluate_countdown(self.engine.module, self.tok, self.test_set, self.rl.template,
-                                     self.rl.max_new_tokens, sync_group=group)
+            res = evaluate_task(self.engine.module, self.tok, self.task, self.test_set, self.rl.template,
+                                self.rl.max_new_tokens, sync_group=group)
         return {f"eval/{k}": v for k, v in res.items()}
 
     # ------------------------------------------------------------------ the loop
