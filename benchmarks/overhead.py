@@ -24,7 +24,7 @@ import torch
 from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
 from megatron_rspo.engine import Engine
 from megatron_rspo.model.logprobs import forward_logits
-from megatron_rspo.model.provider import init_distributed, num_moe_layers
+from megatron_rspo.model.provider import count_parameters, init_distributed, num_moe_layers
 from megatron_rspo.model.routing import RoutingSession, routing_session
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig
@@ -92,7 +92,7 @@ def bench_shape(shape: Shape, rows: int, seq: int, repeats: int) -> dict:
     g, d, r = (statistics.median(times[v]) for v in variants)
     ids, scores = exp.routing_ids, exp.old_log_scores
     per_tok = ids[0, 0].numel() * ids.element_size() + scores[0, 0].numel() * scores.element_size()
-    return {"shape": shape.name, "params": sum(p.numel() for p in engine.module.parameters()),
+    return {"shape": shape.name, "params": count_parameters(engine.module),
             "L x K": f"{num_moe_layers(cfg)} x {shape.topk}", "gmpo_ms": 1e3 * g, "diag_ms": 1e3 * d,
             "rspo_ms": 1e3 * r, "ratio": r / g, "ratio_diag": r / d, "record_bytes_per_token": per_tok,
             "ids_bytes_per_token": ids[0, 0].numel() * ids.element_size(),

@@ -34,7 +34,7 @@ from megatron_rspo.engine import Engine
 from megatron_rspo.evaluation import evaluate_countdown
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.logprobs import forward_logits, token_logprobs
-from megatron_rspo.model.provider import init_distributed, shutdown_distributed
+from megatron_rspo.model.provider import count_parameters, init_distributed, shutdown_distributed
 from megatron_rspo.rl.parallel import agreed_forward_length, generation_mode
 from megatron_rspo.tasks import countdown
 from megatron_rspo.tokenizer import Tokenizer, load_tokenizer
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> float:
         start, stream.position = loaded.iteration, loaded.extra_state.get("data_position", 0)
     metrics = MetricsLogger(run.tensorboard_dir)
     log.info("SFT: %d train / %d eval examples, %s params/rank", len(train), len(test),
-             f"{sum(p.numel() for p in engine.module.parameters()):,}")
+             f"{count_parameters(engine.module):,}")
     progress = Progress(sft.train_iters, "sft", enabled=run.progress, initial=start)
     accuracy = float("nan")
     for it in range(start, sft.train_iters):

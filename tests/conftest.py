@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -49,3 +53,15 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run_torchrun(*target: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run`` on a free loopback port (gloo, one thread per rank); ``target`` is a
+    script path or ``-m module`` followed by its arguments. Output is captured; callers check it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           "--master-port", str(port), *target], env=env, capture_output=True, text=True,
+                          timeout=timeout)

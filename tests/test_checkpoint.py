@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_torchrun
 
 from megatron_rspo import checkpoint as ckpt
 from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
@@ -193,11 +191,6 @@ def test_model_only_checkpoint_leaves_optimizer_fresh(dist_env, tmp_path):
     _step(e, 0)  # still trains
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.dist
 def test_reshard_one_rank_save_to_ep2(dist_env, tmp_path):
@@ -206,12 +199,7 @@ def test_reshard_one_rank_save_to_ep2(dist_env, tmp_path):
     ckpt.save_checkpoint(str(tmp_path / "ckpt"), 1, model, configs=(MODEL, PARALLEL))
     torch.save(_params(model), tmp_path / "ref.pt")
     script = os.path.join(os.path.dirname(__file__), "dist", "ckpt_reshard.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port", str(_free_port()),
-         script, str(tmp_path / "ckpt"), str(tmp_path / "ref.pt"), str(tmp_path / "ep2")],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    proc = run_torchrun(script, str(tmp_path / "ckpt"), str(tmp_path / "ref.pt"), str(tmp_path / "ep2"), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("RESHARD_OK") == 2, proc.stdout[-3000:]
     # the EP=2 save holds the same global tensors: exporting either gives identical HF files

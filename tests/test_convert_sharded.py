@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_torchrun
 
 from megatron_rspo import checkpoint as ckpt
 from megatron_rspo.config import ParallelConfig
@@ -41,19 +39,9 @@ def hf_and_reference(dist_env, tmp_path_factory):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(hf_dir: str, out_dir: str, *flags: str) -> list[float]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port", str(_free_port()),
-         SCRIPT, "--hf-dir", hf_dir, "--save", out_dir, *flags],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
+    proc = run_torchrun(SCRIPT, "--hf-dir", hf_dir, "--save", out_dir, *flags, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     done = re.findall(r"CONVERT_DONE rank=\d+ rc=0 peak_growth_mib=([\d.]+)", proc.stdout)
     assert len(done) == 2, proc.stdout[-3000:]

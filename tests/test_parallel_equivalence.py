@@ -11,13 +11,10 @@ and log-probs, the micro-batch metrics, the expert load and its gradient shards;
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_torchrun
 
 SCRIPT = Path(__file__).parent / "dist" / "rl_equivalence.py"
 TOL = 1e-5
@@ -26,17 +23,9 @@ FOUR_RANKS = ["dp2_tp2_ep2", "pp2_ep2"]
 ERRORS: dict[str, dict[str, float]] = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(work: Path, nproc: int, layouts: list[str]) -> None:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port",
-           str(_free_port()), str(SCRIPT), str(work), *layouts]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(str(SCRIPT), str(work), *layouts, nproc=nproc)
     if proc.returncode:
         pytest.fail(f"{' '.join(layouts)} on {nproc} ranks failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
 

@@ -3,12 +3,8 @@ TP+SP and EP carved from the TP ranks (generation with sequence parallelism off)
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
+from conftest import run_torchrun
 
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
          "--num-experts", "4", "--moe-router-topk", "2", "--log-interval", "1", "--no-progress"]
@@ -22,12 +18,7 @@ def data(countdown_data):
 
 
 def torchrun(module: str, *args: str) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
-                           str(port), "-m", module, *args], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun("-m", module, *args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return out

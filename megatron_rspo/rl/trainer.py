@@ -34,6 +34,7 @@ from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
 from megatron_rspo.evaluation import decode_responses, evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
+from megatron_rspo.model.logprobs import forward_logits, token_logprobs
 from megatron_rspo.model.provider import build_model, init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
 from megatron_rspo.rl.advantages import group_relative_advantages
@@ -178,7 +179,6 @@ class RLTrainer:
             exp.old_logp = torch.cat([o["logp"] for o in outs]) if outs else None  # last pipeline stage only
             exp.old_log_scores = torch.cat(step.log_scores)  # this stage's MoE layers
         if self.ref is not None:
-            from megatron_rspo.model.logprobs import forward_logits, token_logprobs
 
             with torch.no_grad():
                 exp.ref_logp = token_logprobs(forward_logits(self.ref, exp.tokens[:, :-1]) / self.rl.temperature,

@@ -192,7 +192,6 @@ def response_for_scoring(response: str, template: str = "tiny") -> str:
     return response_prefix(template) + response
 
 
-format_completion = sft_completion  # alias
 
 
 # --- Reward ---
