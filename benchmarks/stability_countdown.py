@@ -27,37 +27,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import importlib.util
 import json
-import math
 import os
-import platform
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/studylib
 
-Series = tuple[list[int], list[float]]
-Scalars = dict[str, Series]
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    name: str  # directory name and --configs key
-    label: str  # name in the table and legends
-    flags: tuple[str, ...]  # trainer flags that define the configuration
-
+from studylib.analysis import (  # noqa: E402
+    CollapseCriterion,
+    RunSummary,
+    describe_collapse,
+    fmt,
+    mean_std,
+    summarize_run,
+)
+from studylib.plots import make_plots  # noqa: E402
+from studylib.runs import (  # noqa: E402
+    REPO,
+    Executor,
+    Run,
+    StudyConfig,
+    load_plot_metrics,
+    log_tail,
+    machine_description,
+    model_description,
+    plan,
+    read_manifest,
+    read_run_scalars,
+    same_command,
+    trainer_command,
+)
 
 CONFIGS: tuple[StudyConfig, ...] = (
     StudyConfig("grpo", "GRPO", ("--rl-algorithm", "grpo")),
@@ -70,45 +74,6 @@ CONFIGS: tuple[StudyConfig, ...] = (
     StudyConfig("gmpo_frozen", "GMPO+frozen router", ("--rl-algorithm", "gmpo", "--freeze-router")),
 )
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
-
-
-@dataclass(frozen=True)
-class CollapseCriterion:
-    window: int = 5
-    drop: float = 0.5
-    min_peak: float = 0.05
-
-
-COLLAPSE_DEFINITION = (
-    "A run **collapses** at the first RL iteration *t* at which any of these holds: "
-    "(a) *reward drop*: with MA(t) the mean of the train reward `reward/mean` over the {w} iterations "
-    "t-{w1}..t (defined from t = {w}) and peak(t) = max over s <= t of MA(s), peak(t) >= {min_peak} and "
-    "MA(t) < {keep:g} x peak(t) (a drop of more than {drop_pct:g}% from the best moving average so far); "
-    "(b) *non-finite*: any logged scalar (except `time/*`) is NaN or inf at t; "
-    "(c) *failed*: the trainer exited non-zero or hit the per-run timeout after logging at least one RL "
-    "iteration; t = its last logged iteration + 1 (a run that fails before its first iteration is a set-up "
-    "error: listed under failed runs, not counted as a collapse). "
-    "Steps to collapse = t. The trainer's own `collapse/warning` (clip-fraction or IS-ratio-std burst above "
-    "its rolling baseline) is counted separately (\"burst warnings\") and is not part of this definition."
-)
-
-
-def describe_collapse(crit: CollapseCriterion) -> str:
-    return COLLAPSE_DEFINITION.format(w=crit.window, w1=crit.window - 1, min_peak=crit.min_peak, keep=1 - crit.drop,
-                                      drop_pct=100 * crit.drop)
-
-
-# ---------------------------------------------------------------------------------------------- runs
-@dataclass
-class Run:
-    config: StudyConfig
-    seed: int
-    dir: str
-    cmd: list[str]
-
-    @property
-    def key(self) -> str:
-        return f"{self.config.name}/seed{self.seed}"
 
 
 def select_configs(names: Optional[list[str]]) -> list[StudyConfig]:
@@ -138,12 +103,6 @@ def common_trainer_flags(args: argparse.Namespace) -> list[str]:
     return flags + shlex.split(args.extra)
 
 
-def trainer_command(config: StudyConfig, seed: int, run_dir: str, common: list[str],
-                    python: str = sys.executable) -> list[str]:
-    return [python, "-m", "megatron_rspo.rl.trainer", *common, *config.flags, "--seed", str(seed),
-            "--tensorboard-dir", run_dir]
-
-
 def expand_runs(configs: list[StudyConfig], seeds: list[int], out_dir: str, common: list[str],
                 python: str = sys.executable) -> list[Run]:
     """One Run per (configuration, seed), configuration-major."""
@@ -153,260 +112,6 @@ def expand_runs(configs: list[StudyConfig], seeds: list[int], out_dir: str, comm
             d = os.path.join(out_dir, c.name, f"seed{s}")
             runs.append(Run(c, s, d, trainer_command(c, s, d, common, python)))
     return runs
-
-
-def load_plot_metrics():
-    """``tools/plot_metrics.py`` as a module (its ``read_scalars`` reads a tensorboard run directory)."""
-    path = os.path.join(REPO, "tools", "plot_metrics.py")
-    spec = importlib.util.spec_from_file_location("plot_metrics", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-def has_events(run_dir: str) -> bool:
-    return bool(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
-
-
-def read_run_scalars(run_dir: str, reader) -> Scalars:
-    return reader(run_dir) if has_events(run_dir) else {}
-
-
-def read_manifest(run_dir: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(run_dir, "run.json")) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
-def last_iteration(scalars: Scalars) -> int:
-    steps = scalars.get("reward/mean", ([], []))[0]
-    return max(steps) if steps else 0
-
-
-def is_complete(scalars: Scalars, train_iters: int) -> bool:
-    """The tensorboard holds the final iteration."""
-    return last_iteration(scalars) >= train_iters
-
-
-def same_command(a: list[str], b: list[str]) -> bool:
-    """Equal trainer commands up to the python executable."""
-    return list(a[1:]) == list(b[1:])
-
-
-def plan(runs: list[Run], train_iters: int, reader, force: bool = False,
-         skip_failed: bool = False) -> tuple[list[Run], dict[str, str]]:
-    """(runs to execute, {run key: why it is skipped})."""
-    todo, skipped = [], {}
-    for r in runs:
-        man = read_manifest(r.dir)
-        same = man is not None and same_command(man.get("cmd", []), r.cmd)
-        if not force and same and is_complete(read_run_scalars(r.dir, reader), train_iters):
-            skipped[r.key] = "complete"
-        elif not force and same and skip_failed and man.get("status") in ("failed", "timeout"):
-            skipped[r.key] = f"recorded {man['status']}"
-        else:
-            todo.append(r)
-    return todo, skipped
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Executor:
-    """Runs trainer subprocesses (``jobs`` at a time), each writing train.log and run.json in its dir."""
-
-    def __init__(self, jobs: int, threads: int, timeout: Optional[float]) -> None:
-        self.jobs, self.threads, self.timeout = jobs, threads, timeout
-        self.stop = threading.Event()
-        self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-
-    def run_one(self, run: Run) -> Optional[dict]:
-        if self.stop.is_set():
-            return None
-        os.makedirs(run.dir, exist_ok=True)
-        for f in glob.glob(os.path.join(run.dir, "events.out.tfevents.*")) + [os.path.join(run.dir, "run.json")]:
-            if os.path.exists(f):
-                os.remove(f)  # a fresh start: stale events of an unfinished run would mix into the new curves
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-            env.pop(k, None)  # each run is its own single-process job
-        start = time.time()
-        with open(os.path.join(run.dir, "train.log"), "w") as log:
-            log.write("$ " + shlex.join(run.cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(run.cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            with self._lock:
-                self._procs.add(proc)
-            try:
-                rc = proc.wait(timeout=self.timeout)
-                status = "ok" if rc == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-                status = "timeout"
-            finally:
-                with self._lock:
-                    self._procs.discard(proc)
-        if self.stop.is_set():  # interrupted by the user: not a result, leave the run to be redone
-            return None
-        manifest = {"config": run.config.name, "seed": run.seed, "cmd": run.cmd, "rc": rc, "status": status,
-                    "wall_s": time.time() - start, "started": time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                           time.localtime(start))}
-        with open(os.path.join(run.dir, "run.json"), "w") as fh:
-            json.dump(manifest, fh, indent=1)
-        return manifest
-
-    def execute(self, runs: list[Run], on_done=None) -> None:
-        try:
-            if self.jobs <= 1:
-                for r in runs:
-                    man = self.run_one(r)
-                    if on_done and man:
-                        on_done(r, man)
-            else:
-                with ThreadPoolExecutor(self.jobs) as pool:
-                    futs = {pool.submit(self.run_one, r): r for r in runs}
-                    for fut in as_completed(futs):
-                        man = fut.result()
-                        if on_done and man:
-                            on_done(futs[fut], man)
-        except KeyboardInterrupt:
-            self.stop.set()
-            with self._lock:
-                for p in list(self._procs):
-                    p.terminate()
-            raise
-
-
-# ---------------------------------------------------------------------------------------------- analysis
-def _finite(v: float) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def rl_points(series: Series) -> list[tuple[int, float]]:
-    """(step, value) pairs of RL iterations (step >= 1: step 0 is the evaluation before any update)."""
-    return sorted((s, v) for s, v in zip(*series) if s >= 1)
-
-
-def reward_collapse_step(series: Series, crit: CollapseCriterion) -> Optional[int]:
-    """First iteration where the reward's moving average drops below (1 - drop) x its running max."""
-    buf: deque[float] = deque(maxlen=crit.window)
-    peak = -math.inf
-    for step, v in rl_points(series):
-        if not _finite(v):
-            continue  # non-finite values are rule (b)
-        buf.append(v)
-        if len(buf) < crit.window:
-            continue
-        ma = sum(buf) / len(buf)
-        peak = max(peak, ma)
-        if peak >= crit.min_peak and ma < (1.0 - crit.drop) * peak:
-            return step
-    return None
-
-
-def first_nonfinite(scalars: Scalars) -> Optional[tuple[int, str]]:
-    """(iteration, tag) of the earliest NaN/inf among all scalars except ``time/*``."""
-    best: Optional[tuple[int, str]] = None
-    for tag, (steps, values) in scalars.items():
-        if tag.startswith("time/"):
-            continue
-        for s, v in zip(steps, values):
-            if not _finite(v) and (best is None or (s, tag) < best):
-                best = (s, tag)
-    return best
-
-
-def derived_series(scalars: Scalars, key: str) -> Optional[Series]:
-    """A scalar's series, or ``clip_frac``: clip_frac_low + clip_frac_high per iteration."""
-    if key == "clip_frac":
-        lo, hi = scalars.get("policy/clip_frac_low"), scalars.get("policy/clip_frac_high")
-        if lo and hi:
-            hi_by_step = dict(zip(*hi))
-            pts = [(s, v + hi_by_step[s]) for s, v in zip(*lo) if s in hi_by_step]
-            return [s for s, _ in pts], [v for _, v in pts]
-        return scalars.get("policy/clip_frac")
-    return scalars.get(key)
-
-
-def series_mean(series: Optional[Series]) -> Optional[float]:
-    if not series:
-        return None
-    vals = [v for _, v in rl_points(series) if _finite(v)]
-    return sum(vals) / len(vals) if vals else None
-
-
-@dataclass
-class RunSummary:
-    config: str
-    seed: int
-    status: str  # ok | failed | timeout (run.json) | missing (no events) | unknown (events, no run.json: interrupted)
-    last_iter: int = 0
-    final_acc: Optional[float] = None
-    best_acc: Optional[float] = None
-    init_acc: Optional[float] = None
-    collapse_iter: Optional[int] = None
-    collapse_cause: Optional[str] = None
-    burst_warnings: Optional[int] = None
-    clip_frac: Optional[float] = None
-    is_ratio_std: Optional[float] = None
-    router_shift: Optional[float] = None
-    gamma: Optional[float] = None
-    iter_time_s: Optional[float] = None
-    wall_s: Optional[float] = None
-    rc: Optional[int] = None
-
-
-def summarize_run(config: str, seed: int, scalars: Scalars, manifest: Optional[dict],
-                  crit: CollapseCriterion) -> RunSummary:
-    status = manifest.get("status", "failed") if manifest else ("missing" if not scalars else "unknown")
-    s = RunSummary(config=config, seed=seed, status=status, last_iter=last_iteration(scalars),
-                   rc=manifest.get("rc") if manifest else None, wall_s=manifest.get("wall_s") if manifest else None)
-    acc = scalars.get("eval/accuracy")
-    if acc:
-        pts = rl_points(acc)
-        init = [v for st, v in zip(*acc) if st == 0]
-        s.init_acc = init[0] if init else None
-        finite = [v for _, v in pts if _finite(v)]
-        s.best_acc = max(finite) if finite else None
-        if status == "ok" and pts:
-            s.final_acc = pts[-1][1]
-    causes: list[tuple[int, str]] = []
-    if "reward/mean" in scalars:
-        t = reward_collapse_step(scalars["reward/mean"], crit)
-        if t is not None:
-            causes.append((t, "reward drop"))
-    nf = first_nonfinite(scalars)
-    if nf is not None:
-        causes.append((max(nf[0], 1), f"non-finite {nf[1]}"))
-    if status in ("failed", "timeout") and s.last_iter >= 1:
-        causes.append((s.last_iter + 1, f"{status} (rc={s.rc})"))
-    if causes:
-        s.collapse_iter, s.collapse_cause = min(causes)
-    if "collapse/warning" in scalars:
-        s.burst_warnings = int(sum(v for _, v in rl_points(scalars["collapse/warning"]) if _finite(v) and v > 0))
-    s.clip_frac = series_mean(derived_series(scalars, "clip_frac"))
-    s.is_ratio_std = series_mean(scalars.get("policy/is_ratio_std"))
-    s.router_shift = series_mean(scalars.get("router/shift_mean"))
-    s.gamma = series_mean(scalars.get("router/gamma_mean"))
-    s.iter_time_s = series_mean(scalars.get("time/iteration_s"))
-    return s
-
-
-def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
-    """(mean, sample std or None for n < 2, n) over the finite values."""
-    vals = [v for v in values if v is not None and _finite(v)]
-    if not vals:
-        return None, None, 0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
 
 @dataclass
@@ -443,15 +148,6 @@ def aggregate(summaries: list[RunSummary], configs: list[StudyConfig], n_seeds: 
         ))
     return rows
 
-
-def fmt(ms: tuple, spec: str = ".3f", n_expected: Optional[int] = None) -> str:
-    mean, std, n = ms
-    if mean is None:
-        return "–"
-    text = format(mean, spec) + (f" ± {format(std, spec)}" if std is not None else "")
-    if n_expected is not None and n < n_expected:
-        text += f" (n={n})"
-    return text
 
 
 TABLE_HEADER = (
@@ -501,143 +197,6 @@ def summary_sentence(rows: list[ConfigRow], a: str = "rspo", b: str = "grpo") ->
     return text
 
 
-# ---------------------------------------------------------------------------------------------- plots
-def band(runs: list[Series]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Per step: mean, min and max over the runs' finite values at that step (steps of any run)."""
-    per_step: dict[int, list[float]] = {}
-    for steps, values in runs:
-        for s, v in zip(steps, values):
-            if _finite(v):
-                per_step.setdefault(s, []).append(v)
-    xs = sorted(per_step)
-    return (xs, [statistics.fmean(per_step[x]) for x in xs], [min(per_step[x]) for x in xs],
-            [max(per_step[x]) for x in xs])
-
-
-CURVE_PANELS = [
-    ("reward/mean", "train reward (mean)"),
-    ("eval/accuracy", "held-out accuracy"),
-    ("clip_frac", "clip fraction (low + high)"),
-    ("policy/is_ratio_std", "token IS-ratio std"),
-    ("router/gamma_mean", "γ mean (RS configurations)"),
-    ("router/shift_mean", "router shift (mean over layers)"),
-]
-
-
-def smooth(series: Series, window: int) -> Series:
-    """Trailing moving average over ``window`` logged points (non-finite values stay as they are)."""
-    if window <= 1:
-        return series
-    steps, values = series
-    out, buf = [], deque(maxlen=window)
-    for v in values:
-        if _finite(v):
-            buf.append(v)
-            out.append(sum(buf) / len(buf))
-        else:
-            out.append(v)
-    return list(steps), out
-
-
-def plot_bands(data: dict[str, list[Scalars]], panels: list[tuple[str, str]], path: str, title: str,
-               smooth_window: int = 1) -> bool:
-    """One panel per tag, one line per configuration (mean over seeds) with a min–max band over seeds.
-    Per-iteration series (not ``eval/*``) are first smoothed per run with a ``smooth_window`` moving average."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = [p for p in panels if any(derived_series(s, p[0]) for runs in data.values() for s in runs)]
-    if not panels:
-        return False
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.3 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (tag, name) in zip(axes.flat, panels):
-        for i, (label, runs) in enumerate(data.items()):
-            series = [x for x in (derived_series(s, tag) for s in runs) if x]
-            if not tag.startswith("eval/"):
-                series = [smooth(x, smooth_window) for x in series]
-            if not series:
-                continue
-            xs, mean, lo, hi = band(series)
-            if not xs:
-                continue
-            color = colors[i % len(colors)]
-            ax.plot(xs, mean, label=label, color=color, marker="o" if len(xs) < 12 else None, ms=3, lw=1.2)
-            if len(series) > 1:
-                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("RL iteration", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def layer_tags(data: dict[str, list[Scalars]]) -> list[str]:
-    tags = {t for runs in data.values() for s in runs for t in s if t.startswith("router/shift_layer_")}
-    return sorted(tags, key=lambda t: int(t.rsplit("_", 1)[1]))
-
-
-def make_plots(data: dict[str, list[Scalars]], plots_dir: str, title: str, smooth_window: int = 1) -> list[str]:
-    os.makedirs(plots_dir, exist_ok=True)
-    written = []
-    note = "mean over seeds, band = min–max over seeds"
-    if smooth_window > 1:
-        note += f"; per-iteration curves: moving average over {smooth_window} iterations"
-    path = os.path.join(plots_dir, "curves.png")
-    if plot_bands(data, CURVE_PANELS, path, f"{title}: {note}", smooth_window):
-        written.append(path)
-    tags = layer_tags(data)
-    if tags:
-        path = os.path.join(plots_dir, "router_shift_per_layer.png")
-        if plot_bands(data, [(t, t.replace("router/shift_layer_", "router shift, MoE layer ")) for t in tags],
-                      path, f"{title}: router shift per MoE layer ({note})", smooth_window):
-            written.append(path)
-    return written
-
-
-# ---------------------------------------------------------------------------------------------- report
-def machine_description(jobs: int, threads: int) -> str:
-    dev = "CPU"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            dev = f"GPU {torch.cuda.get_device_name()}"
-        torch_v = torch.__version__
-    except Exception:  # noqa: BLE001 - torch missing is not an error for the report
-        torch_v = "?"
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPU cores ({cpu}), {dev}; "
-            f"python {platform.python_version()}, torch {torch_v}; {jobs} run(s) at a time x {threads} thread(s)")
-
-
-def model_description(init_from: str) -> str:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from megatron_rspo import checkpoint
-
-        m = checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(init_from))["ModelConfig"]
-        return (f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
-                f"{m['num_experts']} experts top-{m['moe_router_topk']} (MoE every {m['moe_layer_freq']} layer(s)), "
-                f"vocab {m['vocab_size']}")
-    except Exception as e:  # noqa: BLE001
-        return f"(could not read the checkpoint's model config: {e})"
-
-
 def write_doc(path: str, *, command: str, settings: list[str], machine: str, timing: list[str],
               crit: CollapseCriterion, rows: list[ConfigRow], init_acc: tuple, plots: list[str],
               problems: list[str]) -> None:
@@ -674,15 +233,6 @@ def write_doc(path: str, *, command: str, settings: list[str], machine: str, tim
     os.makedirs(doc_dir, exist_ok=True)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-
-
-def log_tail(run_dir: str, n: int = 1) -> str:
-    try:
-        with open(os.path.join(run_dir, "train.log"), errors="replace") as fh:
-            lines = [ln.strip() for ln in fh if ln.strip()]
-        return " / ".join(lines[-n:])
-    except OSError:
-        return ""
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -1,6 +1,6 @@
-"""benchmarks/stability_countdown.py without training: config expansion, resume planning, collapse detection,
-tables, the summary sentence, plots and the doc from synthetic series, and the subprocess executor on stub
-commands."""
+"""benchmarks/stability_countdown.py and its benchmarks/studylib, without training: config expansion,
+resume planning, collapse detection, tables, the summary sentence, plots and the doc from synthetic series,
+and the subprocess executor on stub commands."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 
@@ -20,8 +21,11 @@ def sc():
     spec = importlib.util.spec_from_file_location("stability_countdown", PATH)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["stability_countdown"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
+    spec.loader.exec_module(mod)  # puts benchmarks/ on sys.path: its studylib package is importable
+    from studylib import analysis, plots, runs
+
+    # one namespace over the script and the library it is built from
+    return types.SimpleNamespace(**{k: v for m in (runs, analysis, plots, mod) for k, v in vars(m).items()})
 
 
 def series(values, start=1):

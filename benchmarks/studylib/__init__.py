@@ -1,0 +1,1 @@
+"""Shared pieces of the benchmark studies (runs, analysis, plots); the scripts put benchmarks/ on sys.path."""
