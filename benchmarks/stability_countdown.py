@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/studylib
 
@@ -45,6 +44,15 @@ from studylib.analysis import (  # noqa: E402
     fmt,
     mean_std,
     summarize_run,
+)
+from studylib.configs import (  # noqa: E402
+    CONFIGS,
+    add_collapse_args,
+    add_execution_args,
+    add_trainer_args,
+    common_trainer_flags,
+    expand_runs,
+    select_configs,
 )
 from studylib.plots import make_plots  # noqa: E402
 from studylib.runs import (  # noqa: E402
@@ -60,58 +68,7 @@ from studylib.runs import (  # noqa: E402
     read_manifest,
     read_run_scalars,
     same_command,
-    trainer_command,
 )
-
-CONFIGS: tuple[StudyConfig, ...] = (
-    StudyConfig("grpo", "GRPO", ("--rl-algorithm", "grpo")),
-    StudyConfig("gspo", "GSPO", ("--rl-algorithm", "gspo")),
-    StudyConfig("gmpo", "GMPO", ("--rl-algorithm", "gmpo")),
-    StudyConfig("rspo", "RSPO", ("--rl-algorithm", "rspo")),
-    StudyConfig("grpo_rs", "GRPO+RS", ("--rl-algorithm", "grpo", "--router-shift")),
-    StudyConfig("gspo_rs", "GSPO+RS", ("--rl-algorithm", "gspo", "--router-shift")),
-    StudyConfig("gmpo_replay", "GMPO+routing replay", ("--rl-algorithm", "gmpo", "--routing-replay")),
-    StudyConfig("gmpo_frozen", "GMPO+frozen router", ("--rl-algorithm", "gmpo", "--freeze-router")),
-)
-CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
-
-
-def select_configs(names: Optional[list[str]]) -> list[StudyConfig]:
-    if not names:
-        return list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIG_BY_NAME]
-    if unknown:
-        raise SystemExit(f"unknown --configs {unknown}; choose from {sorted(CONFIG_BY_NAME)}")
-    return [CONFIG_BY_NAME[n] for n in dict.fromkeys(names)]
-
-
-def common_trainer_flags(args: argparse.Namespace) -> list[str]:
-    """The trainer flags every run of the study shares (everything but the configuration and the seed)."""
-    d = args.data_dir
-    flags = [
-        "--init-from", args.init_from,
-        "--train-data", os.path.join(d, "train.jsonl"), "--test-data", os.path.join(d, "test.jsonl"),
-        "--tokenizer-model", os.path.join(d, "tokenizer.model"),
-        "--train-iters", str(args.train_iters),
-        "--rollout-batch-size", str(args.rollout_batch_size), "--num-generations", str(args.num_generations),
-        "--max-new-tokens", str(args.max_new_tokens),
-        "--ppo-epochs", str(args.ppo_epochs), "--num-minibatches", str(args.num_minibatches),
-        "--lr", repr(args.lr), "--lr-decay-style", args.lr_decay_style, "--clip-grad", repr(args.clip_grad),
-        "--eval-interval", str(args.eval_interval), "--eval-samples", str(args.eval_samples),
-        "--log-interval", str(args.log_interval), "--no-progress",
-    ]
-    return flags + shlex.split(args.extra)
-
-
-def expand_runs(configs: list[StudyConfig], seeds: list[int], out_dir: str, common: list[str],
-                python: str = sys.executable) -> list[Run]:
-    """One Run per (configuration, seed), configuration-major."""
-    runs = []
-    for c in configs:
-        for s in dict.fromkeys(seeds):
-            d = os.path.join(out_dir, c.name, f"seed{s}")
-            runs.append(Run(c, s, d, trainer_command(c, s, d, common, python)))
-    return runs
 
 
 @dataclass
@@ -249,37 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plots-dir", default=None, help="default: the --doc path without .md")
     g.add_argument("--title", default="Countdown stability")
     g.add_argument("--smooth", type=int, default=1, help="moving-average window of the plotted per-iteration curves")
-    g = p.add_argument_group("execution")
-    g.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    g.add_argument("--threads", type=int, default=1,
-                   help="OMP threads per run (0: CPU cores // jobs). 1 by default: these tiny models gain little "
-                        "from intra-op threads, and on a busy machine 2 threads per run were measured ~25x slower "
-                        "per iteration than 1; use --jobs for parallelism")
-    g.add_argument("--run-timeout", type=float, default=None, help="seconds; a run over it is killed = failed")
-    g.add_argument("--dry-run", action="store_true", help="print the trainer commands and exit")
-    g.add_argument("--report-only", action="store_true", help="no training: table, plots and doc from the runs")
-    g.add_argument("--force", action="store_true", help="re-run complete runs too")
-    g.add_argument("--skip-failed", action="store_true",
-                   help="keep recorded failures of an earlier invocation instead of re-running them")
-    g = p.add_argument_group("trainer settings shared by all runs")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per iteration")
-    g.add_argument("--num-generations", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--ppo-epochs", type=int, default=2)
-    g.add_argument("--num-minibatches", type=int, default=8)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--lr-decay-style", default="constant", choices=["constant", "cosine", "linear"])
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--eval-interval", type=int, default=10)
-    g.add_argument("--eval-samples", type=int, default=500)
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--extra", default="",
-                   help='more trainer flags for every run, one string: --extra="--clip-eps-high 0.28"')
-    g = p.add_argument_group("collapse definition")
-    g.add_argument("--collapse-window", type=int, default=CollapseCriterion.window)
-    g.add_argument("--collapse-drop", type=float, default=CollapseCriterion.drop)
-    g.add_argument("--collapse-min-peak", type=float, default=CollapseCriterion.min_peak)
+    add_execution_args(p)
+    add_trainer_args(p)
+    add_collapse_args(p)
     return p
 
 

@@ -168,7 +168,7 @@ def fmt(ms: tuple, spec: str = ".3f", n_expected: Optional[int] = None) -> str:
     mean, std, n = ms
     if mean is None:
         return "–"
-    text = format(mean, spec) + (f" ± {format(std, spec)}" if std is not None else "")
+    text = format(mean, spec) + (f" ± {format(std, spec.lstrip('+'))}" if std is not None else "")
     if n_expected is not None and n < n_expected:
         text += f" (n={n})"
     return text

@@ -38,18 +38,18 @@ class Run:
     seed: int
     dir: str
     cmd: list[str]
+    cell: str = ""  # a sweep's grid cell ("" in a one-cell study)
 
     @property
     def key(self) -> str:
-        return f"{self.config.name}/seed{self.seed}"
-
+        own = f"{self.config.name}/seed{self.seed}"
+        return f"{self.cell}/{own}" if self.cell else own
 
 
 def trainer_command(config: StudyConfig, seed: int, run_dir: str, common: list[str],
                     python: str = sys.executable) -> list[str]:
     return [python, "-m", "megatron_rspo.rl.trainer", *common, *config.flags, "--seed", str(seed),
             "--tensorboard-dir", run_dir]
-
 
 
 def load_plot_metrics():
@@ -198,18 +198,22 @@ def machine_description(jobs: int, threads: int) -> str:
             f"python {platform.python_version()}, torch {torch_v}; {jobs} run(s) at a time x {threads} thread(s)")
 
 
-def model_description(init_from: str) -> str:
+def model_description(init_from: str, short: bool = False) -> str:
+    """The checkpoint's model shape, read from its saved run config (``short``: "E8 top-2, 4L h128")."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from megatron_rspo import checkpoint
 
         m = checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(init_from))["ModelConfig"]
+        if short:
+            return f"E{m['num_experts']} top-{m['moe_router_topk']}, {m['num_layers']}L h{m['hidden_size']}"
         return (f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
                 f"{m['num_experts']} experts top-{m['moe_router_topk']} (MoE every {m['moe_layer_freq']} layer(s)), "
                 f"vocab {m['vocab_size']}")
     except Exception as e:  # noqa: BLE001
-        return f"(could not read the checkpoint's model config: {e})"
+        return "?" if short else f"(could not read the checkpoint's model config: {e})"
+
 
 def log_tail(run_dir: str, n: int = 1) -> str:
     try:
