@@ -57,7 +57,9 @@ from studylib.runs import (  # noqa: E402
     trainer_command,
 )
 
-RS_PAIRS = (("gmpo", "rspo"), ("grpo", "grpo_rs"), ("gspo", "gspo_rs"))  # (base, base + router shift)
+# (base, base + router shift): the RS − base differences the outcome table reports when both are run
+RS_PAIRS = (("gmpo", "rspo"), ("grpo", "grpo_rs"), ("gspo", "gspo_rs"), ("gmpo", "rspo_post"),
+            ("gmpo", "rspo_floor05"))
 
 
 @dataclass(frozen=True)
@@ -239,8 +241,8 @@ def write_doc(path: str, *, command: str, settings: list[str], machine: str, tim
         f"`{reference}` runs, then mean ± std over seeds. Router shift = `router/shift_mean` (mean over MoE layers "
         "and valid tokens of |log r_θ(e) − log r_old(e)| averaged over the rollout's top-K experts e); "
         "expert-set change = `router/expert_set_change_rate` (fraction of the rollout's top-K expert slots not in "
-        "the current top-K); γ columns from the router-shift runs (`router/gamma_mean`, `router/gamma_p05`, "
-        "`router/gamma_floor_frac`).", "",
+        "the current top-K); γ columns from the runs of the first router-shift configuration (`router/gamma_mean`, "
+        "`router/gamma_p05`, `router/gamma_floor_frac`).", "",
         "## Outcome", "", *outcome, "",
         "Held-out accuracy (greedy, `eval/accuracy`) at iteration 0 (SFT) and at the last iteration; Δ = mean over "
         "seeds of the per-seed difference (same seed = same data order and sampling seed).", "",
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[CellResult]:
     args = build_parser().parse_args(argv)
     configs = select_configs(args.configs)
     names = [c.name for c in configs]
-    rs_configs = [c.name for c in configs if "--router-shift" in c.flags or c.name == "rspo"]
+    rs_configs = [c.name for c in configs if "--router-shift" in c.flags or c.name.startswith("rspo")][:1]
     reference = args.reference or next((n for n in names if n not in rs_configs), names[0])
     if reference not in names:
         raise SystemExit(f"--reference {reference!r} is not among --configs {names}")

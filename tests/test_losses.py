@@ -198,6 +198,26 @@ def test_gmpo_matches_design_formula_symmetric():
         np.testing.assert_allclose(loss.item(), ref_gmpo_design(OLD + LOG_RATIO, OLD, ADV, MASK, g_np, 0.4), rtol=1e-12)
 
 
+def test_rs_weights_sequences_in_gmpo_and_tokens_in_grpo():
+    """Where no clip binds, pre-clip γ scales every token's gradient of a response by the same factor, the
+    geometric mean of its γ, in GMPO/RSPO (the geometric mean turns w̃ = γ·w into a per-sequence scalar), but
+    each token's gradient by its own γ in GRPO+RS. docs/router_shift_sweep.md builds on this."""
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(2, 6, generator=gen, dtype=torch.float64) - 2
+    logp = old + 0.01 * torch.randn(2, 6, generator=gen, dtype=torch.float64)  # far inside every clip range
+    adv, mask = torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 6, dtype=torch.float64)
+    gamma = 0.95 + 0.05 * torch.rand(2, 6, generator=gen, dtype=torch.float64)  # |log γ| < ε: no RS clip either
+
+    def grad(name, g):
+        lp = logp.clone().requires_grad_()
+        POLICY_LOSSES[name](lp, old, adv, mask, PolicyLossConfig(), gamma=g)[0].backward()
+        return lp.grad
+
+    gm = gamma.log().mean(dim=1, keepdim=True).exp().expand_as(gamma)
+    torch.testing.assert_close(grad("gmpo", gamma) / grad("gmpo", None), gm)
+    torch.testing.assert_close(grad("grpo", gamma) / grad("grpo", None), gamma)
+
+
 def test_clip_fractions_and_ratio_stats():
     logp, old, adv, mask, gamma = _torch_inputs()
     valid = LOG_RATIO[MASK]

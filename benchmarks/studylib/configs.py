@@ -22,7 +22,12 @@ CONFIGS: tuple[StudyConfig, ...] = (
     StudyConfig("gmpo_replay", "GMPO+routing replay", ("--rl-algorithm", "gmpo", "--routing-replay")),
     StudyConfig("gmpo_frozen", "GMPO+frozen router", ("--rl-algorithm", "gmpo", "--freeze-router")),
 )
-CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
+# Selectable by name (--configs), not part of the default set: ablations of the RS weight itself.
+EXTRA_CONFIGS: tuple[StudyConfig, ...] = (
+    StudyConfig("rspo_post", "RSPO (post-clip γ)", ("--rl-algorithm", "rspo", "--router-shift-placement", "post_clip")),
+    StudyConfig("rspo_floor05", "RSPO (γ floor 0.5)", ("--rl-algorithm", "rspo", "--router-shift-floor", "0.5")),
+)
+CONFIG_BY_NAME = {c.name: c for c in CONFIGS + EXTRA_CONFIGS}
 
 
 def select_configs(names: Optional[list[str]]) -> list[StudyConfig]:
