@@ -43,17 +43,14 @@ from studylib.configs import (  # noqa: E402
 )
 from studylib.runs import (  # noqa: E402
     REPO,
-    Executor,
     Run,
     StudyConfig,
     load_plot_metrics,
+    load_run,
     log_tail,
     machine_description,
     model_description,
-    plan,
-    read_manifest,
-    read_run_scalars,
-    same_command,
+    run_pending,
     trainer_command,
 )
 
@@ -295,36 +292,21 @@ def main(argv: list[str] | None = None) -> list[CellResult]:
     by_cell = {c: cell_runs(c, configs, args.seeds, args) for c in cells}
     runs = [r for rs in by_cell.values() for r in rs]
     reader = load_plot_metrics().read_scalars
-    todo, skipped = plan(runs, args.train_iters, reader, force=args.force, skip_failed=args.skip_failed)
-    if args.dry_run:
-        for r in runs:
-            why = skipped.get(r.key)
-            print(f"{'# skip (' + why + '): ' if why else ''}OMP_NUM_THREADS={threads} {shlex.join(r.cmd)}")
-        print(f"# {len(todo)} to run, {len(skipped)} skipped; {args.jobs} at a time")
-        return []
     t_start = time.time()
-    if not args.report_only:
-        print(f"[sweep] {len(cells)} cells x {len(configs)} configs x {len(args.seeds)} seeds = {len(runs)} runs; "
-              f"{len(skipped)} complete, {len(todo)} to run, {args.jobs} at a time x {threads} threads", flush=True)
-        done = [0]
-
-        def on_done(run: Run, man: dict) -> None:
-            done[0] += 1
-            extra = "" if man["status"] == "ok" else f" -- {log_tail(run.dir)[-200:]}"
-            print(f"[sweep] [{done[0]}/{len(todo)}] {run.key}: {man['status']} in {man['wall_s']:.0f} s{extra}",
-                  flush=True)
-
-        Executor(args.jobs, threads, args.run_timeout).execute(todo, on_done)
+    counts = run_pending(runs, args, reader, threads, "sweep",
+                         f"{len(cells)} cells x {len(configs)} configs x {len(args.seeds)} seeds = {len(runs)} runs")
+    if counts is None:
+        return []
+    executed, reused = counts
     wall = time.time() - t_start
 
     results, problems, walls = [], [], []
     for cell, cruns in by_cell.items():
         summaries = []
         for r in cruns:
-            scalars, man = read_run_scalars(r.dir, reader), read_manifest(r.dir)
-            if man is not None and not same_command(man.get("cmd", []), r.cmd):
-                problems.append(f"{r.key}: run.json holds a different trainer command; excluded")
-                scalars, man = {}, None
+            scalars, man, problem = load_run(r, reader)
+            if problem:
+                problems.append(problem)
             s = summarize_run(r.config.name, r.seed, scalars, man, crit)
             summaries.append(s)
             if s.wall_s is not None:
@@ -350,8 +332,8 @@ def main(argv: list[str] | None = None) -> list[CellResult]:
                                                                       .cmd[3:-4]) + " --seed <seed> ...` "
         "(init, lr and reuse vary by cell)" if cells else "no cells",
     ]
-    timing = [f"this invocation: {wall:.0f} s wall ({0 if args.report_only else len(todo)} run(s) executed, "
-              f"{len(skipped)} reused), finished {time.strftime('%Y-%m-%d %H:%M')}",
+    timing = [f"this invocation: {wall:.0f} s wall ({executed} run(s) executed, "
+              f"{reused} reused), finished {time.strftime('%Y-%m-%d %H:%M')}",
               f"per-run wall time: mean {sum(walls) / len(walls):.0f} s over {len(walls)} run(s)"
               if walls else "per-run wall time: none recorded"]
     command = "python benchmarks/router_shift_sweep.py " + shlex.join(argv)

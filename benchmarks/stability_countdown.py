@@ -57,17 +57,13 @@ from studylib.configs import (  # noqa: E402
 from studylib.plots import make_plots  # noqa: E402
 from studylib.runs import (  # noqa: E402
     REPO,
-    Executor,
-    Run,
     StudyConfig,
     load_plot_metrics,
+    load_run,
     log_tail,
     machine_description,
     model_description,
-    plan,
-    read_manifest,
-    read_run_scalars,
-    same_command,
+    run_pending,
 )
 
 
@@ -228,36 +224,18 @@ def main(argv: list[str] | None = None) -> list[ConfigRow]:
     command = "python benchmarks/stability_countdown.py " + shlex.join(argv)
 
     t_start = time.time()
-    todo, skipped = plan(runs, args.train_iters, reader, force=args.force, skip_failed=args.skip_failed)
-    if args.dry_run:
-        for r in runs:
-            why = skipped.get(r.key)
-            prefix = f"# skip ({why}): " if why else ""
-            print(f"{prefix}OMP_NUM_THREADS={threads} {shlex.join(r.cmd)}")
-        print(f"# {len(todo)} to run, {len(skipped)} skipped; {args.jobs} at a time")
+    counts = run_pending(runs, args, reader, threads, "stability",
+                         f"{len(runs)} runs ({len(configs)} configs x {len(args.seeds)} seeds)")
+    if counts is None:
         return []
-    if not args.report_only:
-        print(f"[stability] {len(runs)} runs ({len(configs)} configs x {len(args.seeds)} seeds); "
-              f"{len(skipped)} skipped, {len(todo)} to run, {args.jobs} at a time x {threads} threads", flush=True)
-        done = [0]
-
-        def on_done(run: Run, man: dict) -> None:
-            done[0] += 1
-            extra = "" if man["status"] == "ok" else f" -- {log_tail(run.dir)[-200:]}"
-            print(f"[stability] [{done[0]}/{len(todo)}] {run.key}: {man['status']} (rc={man['rc']}) "
-                  f"in {man['wall_s']:.0f} s{extra}", flush=True)
-
-        Executor(args.jobs, threads, args.run_timeout).execute(todo, on_done)
+    executed, reused = counts
     wall = time.time() - t_start
 
     summaries, data, problems = [], {c.label: [] for c in configs}, []
     for r in runs:
-        scalars = read_run_scalars(r.dir, reader)
-        man = read_manifest(r.dir)
-        if man is not None and not same_command(man.get("cmd", []), r.cmd):
-            problems.append(f"{r.key}: its run.json holds a different trainer command (older settings); "
-                            "excluded -- re-run the study to replace it")
-            scalars, man = {}, None
+        scalars, man, problem = load_run(r, reader)
+        if problem:
+            problems.append(problem)
         s = summarize_run(r.config.name, r.seed, scalars, man, crit)
         summaries.append(s)
         if scalars:
@@ -287,8 +265,8 @@ def main(argv: list[str] | None = None) -> list[ConfigRow]:
         "configurations: " + "; ".join(f"{c.label} = `{' '.join(c.flags)}`" for c in configs),
     ]
     timing = [
-        f"this invocation: {wall:.0f} s wall ({len(todo) if not args.report_only else 0} run(s) executed, "
-        f"{len(skipped)} reused from earlier invocations, finished {time.strftime('%Y-%m-%d %H:%M')})",
+        f"this invocation: {wall:.0f} s wall ({executed} run(s) executed, "
+        f"{reused} reused from earlier invocations, finished {time.strftime('%Y-%m-%d %H:%M')})",
         (f"per-run wall time (from run.json, all invocations): sum {sum(walls):.0f} s, "
          f"mean {statistics.fmean(walls):.0f} s over {len(walls)} run(s)")
         if walls else "per-run wall times: none recorded",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.util
 import json
@@ -223,3 +224,40 @@ def log_tail(run_dir: str, n: int = 1) -> str:
     except OSError:
         return ""
 
+
+
+def run_pending(runs: list[Run], args: argparse.Namespace, reader, threads: int, tag: str,
+                what: str) -> Optional[tuple[int, int]]:
+    """Plan (complete runs of the same command are reused), then print the commands (``--dry-run``: returns
+    None) or execute the rest (unless ``--report-only``), printing one line per finished run.
+    Returns (runs executed, runs reused)."""
+    todo, skipped = plan(runs, args.train_iters, reader, force=args.force, skip_failed=args.skip_failed)
+    if args.dry_run:
+        for r in runs:
+            why = skipped.get(r.key)
+            print(f"{'# skip (' + why + '): ' if why else ''}OMP_NUM_THREADS={threads} {shlex.join(r.cmd)}")
+        print(f"# {len(todo)} to run, {len(skipped)} skipped; {args.jobs} at a time")
+        return None
+    if args.report_only:
+        return 0, len(skipped)
+    print(f"[{tag}] {what}; {len(skipped)} skipped, {len(todo)} to run, {args.jobs} at a time x {threads} threads",
+          flush=True)
+    done = [0]
+
+    def on_done(run: Run, man: dict) -> None:
+        done[0] += 1
+        extra = "" if man["status"] == "ok" else f" -- {log_tail(run.dir)[-200:]}"
+        print(f"[{tag}] [{done[0]}/{len(todo)}] {run.key}: {man['status']} (rc={man['rc']}) "
+              f"in {man['wall_s']:.0f} s{extra}", flush=True)
+
+    Executor(args.jobs, threads, args.run_timeout).execute(todo, on_done)
+    return len(todo), len(skipped)
+
+
+def load_run(run: Run, reader) -> tuple[Scalars, Optional[dict], Optional[str]]:
+    """(scalars, run.json, problem): a run whose run.json holds another trainer command is excluded."""
+    scalars, man = read_run_scalars(run.dir, reader), read_manifest(run.dir)
+    if man is not None and not same_command(man.get("cmd", []), run.cmd):
+        return {}, None, (f"{run.key}: its run.json holds a different trainer command (older settings); "
+                          "excluded -- re-run to replace it")
+    return scalars, man, None
