@@ -56,7 +56,7 @@ from studylib.runs import (  # noqa: E402
 
 # (base, base + router shift): the RS − base differences the outcome table reports when both are run
 RS_PAIRS = (("gmpo", "rspo"), ("grpo", "grpo_rs"), ("gspo", "gspo_rs"), ("gmpo", "rspo_post"),
-            ("gmpo", "rspo_floor05"))
+            ("gmpo", "rspo_floor05"), ("gmpo", "rspo_floor09"))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ CONFIGS: tuple[StudyConfig, ...] = (
 EXTRA_CONFIGS: tuple[StudyConfig, ...] = (
     StudyConfig("rspo_post", "RSPO (post-clip γ)", ("--rl-algorithm", "rspo", "--router-shift-placement", "post_clip")),
     StudyConfig("rspo_floor05", "RSPO (γ floor 0.5)", ("--rl-algorithm", "rspo", "--router-shift-floor", "0.5")),
+    StudyConfig("rspo_floor09", "RSPO (γ floor 0.9)", ("--rl-algorithm", "rspo", "--router-shift-floor", "0.9")),
 )
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS + EXTRA_CONFIGS}
 
