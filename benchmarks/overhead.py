@@ -96,7 +96,7 @@ def bench_shape(shape: Shape, rows: int, seq: int, repeats: int) -> dict:
             "L x K": f"{num_moe_layers(cfg)} x {shape.topk}", "gmpo_ms": 1e3 * g, "diag_ms": 1e3 * d,
             "rspo_ms": 1e3 * r, "ratio": r / g, "ratio_diag": r / d, "record_bytes_per_token": per_tok,
             "ids_bytes_per_token": ids[0, 0].numel() * ids.element_size(),
-            "gpu_mem_mib": f"{mem.get('gmpo', float('nan')):.0f} / {mem.get('rspo', float('nan')):.0f}"}
+            "gpu_mem_mib": f"{mem['gmpo']:.0f} / {mem['rspo']:.0f}" if mem else "n/a (no GPU)"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
