@@ -52,6 +52,7 @@ from studylib.runs import (  # noqa: E402
     model_description,
     run_pending,
     trainer_command,
+    write_markdown,
 )
 
 # (base, base + router shift): the RS − base differences the outcome table reports when both are run
@@ -247,9 +248,7 @@ def write_doc(path: str, *, command: str, settings: list[str], machine: str, tim
     if plot:
         lines += ["![sweep](" + os.path.relpath(os.path.abspath(plot), doc_dir) + ")", ""]
     lines += ["## Failed, timed-out or missing runs", "", *([f"- {p}" for p in problems] or ["None."])]
-    os.makedirs(doc_dir, exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    write_markdown(path, lines)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -64,6 +64,7 @@ from studylib.runs import (  # noqa: E402
     machine_description,
     model_description,
     run_pending,
+    write_markdown,
 )
 
 
@@ -183,9 +184,7 @@ def write_doc(path: str, *, command: str, settings: list[str], machine: str, tim
             lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({rel})", ""]
     lines += ["## Failed, timed-out or missing runs", ""]
     lines += [f"- {p}" for p in problems] if problems else ["None."]
-    os.makedirs(doc_dir, exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    write_markdown(path, lines)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -261,3 +261,10 @@ def load_run(run: Run, reader) -> tuple[Scalars, Optional[dict], Optional[str]]:
         return {}, None, (f"{run.key}: its run.json holds a different trainer command (older settings); "
                           "excluded -- re-run to replace it")
     return scalars, man, None
+
+
+def write_markdown(path: str, lines: list[str]) -> None:
+    """Write a generated report (its folder created as needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
