@@ -39,6 +39,7 @@ from studylib.configs import (  # noqa: E402
     add_execution_args,
     add_trainer_args,
     common_trainer_flags,
+    expand_runs,
     select_configs,
 )
 from studylib.runs import (  # noqa: E402
@@ -51,7 +52,6 @@ from studylib.runs import (  # noqa: E402
     machine_description,
     model_description,
     run_pending,
-    trainer_command,
     write_markdown,
 )
 
@@ -104,8 +104,11 @@ def build_cells(models: list[tuple[str, str]], lrs: list[float], reuse: list[tup
         if len(parts) != 3 or parts[0] not in paths:
             raise SystemExit(f"--cell wants MODEL:LR:EPOCHSxMINIBATCHES with MODEL one of {sorted(paths)}, "
                              f"got {text!r}")
-        e, mb = parse_reuse(parts[2])
-        cells.append(Cell(parts[0], paths[parts[0]], float(parts[1]), e, mb))
+        try:
+            lr, (e, mb) = float(parts[1]), parse_reuse(parts[2])
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise SystemExit(f"--cell {text!r}: {err}") from None
+        cells.append(Cell(parts[0], paths[parts[0]], lr, e, mb))
     return list(dict.fromkeys(cells))
 
 
@@ -113,13 +116,8 @@ def cell_runs(cell: Cell, configs: list[StudyConfig], seeds: list[int], args: ar
               python: str = sys.executable) -> list[Run]:
     ns = argparse.Namespace(**{**vars(args), "init_from": cell.init_from, "lr": cell.lr,
                                "ppo_epochs": cell.epochs, "num_minibatches": cell.minibatches})
-    common = common_trainer_flags(ns)
-    runs = []
-    for c in configs:
-        for s in dict.fromkeys(seeds):
-            d = os.path.join(args.out_dir, cell.name, c.name, f"seed{s}")
-            runs.append(Run(c, s, d, trainer_command(c, s, d, common, python), cell=cell.name))
-    return runs
+    return expand_runs(configs, seeds, os.path.join(args.out_dir, cell.name), common_trainer_flags(ns), python,
+                       cell=cell.name)
 
 
 # ---------------------------------------------------------------------------------------------- report

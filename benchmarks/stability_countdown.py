@@ -47,6 +47,7 @@ from studylib.analysis import (  # noqa: E402
 )
 from studylib.configs import (  # noqa: E402
     CONFIGS,
+    EXTRA_CONFIGS,
     add_collapse_args,
     add_execution_args,
     add_trainer_args,
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default="data/countdown", help="train.jsonl, test.jsonl, tokenizer.model")
     g.add_argument("--out-dir", default="runs/stability", help="runs go to <out-dir>/<config>/seed<seed>")
     g.add_argument("--configs", nargs="+", default=None, metavar="NAME",
-                   help=f"subset of {', '.join(c.name for c in CONFIGS)} (default: all)")
+                   help=f"subset of {', '.join(c.name for c in CONFIGS)} (default: all), or the ablations "
+                        f"{', '.join(c.name for c in EXTRA_CONFIGS)}")
     g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     g.add_argument("--doc", default="docs/stability.md")
     g.add_argument("--plots-dir", default=None, help="default: the --doc path without .md")

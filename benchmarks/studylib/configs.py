@@ -59,13 +59,14 @@ def common_trainer_flags(args: argparse.Namespace) -> list[str]:
 
 
 def expand_runs(configs: list[StudyConfig], seeds: list[int], out_dir: str, common: list[str],
-                python: str = sys.executable) -> list[Run]:
-    """One Run per (configuration, seed), configuration-major."""
+                python: str = sys.executable, cell: str = "") -> list[Run]:
+    """One Run per (configuration, seed), configuration-major, in ``<out_dir>/<config>/seed<seed>``;
+    ``cell`` names a sweep's grid cell (it prefixes the runs' keys)."""
     runs = []
     for c in configs:
         for s in dict.fromkeys(seeds):
             d = os.path.join(out_dir, c.name, f"seed{s}")
-            runs.append(Run(c, s, d, trainer_command(c, s, d, common, python)))
+            runs.append(Run(c, s, d, trainer_command(c, s, d, common, python), cell=cell))
     return runs
 
 

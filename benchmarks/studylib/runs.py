@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import json
@@ -199,21 +200,26 @@ def machine_description(jobs: int, threads: int) -> str:
             f"python {platform.python_version()}, torch {torch_v}; {jobs} run(s) at a time x {threads} thread(s)")
 
 
+@functools.cache  # one read per checkpoint, however many cells and tables name it
+def _model_config(init_from: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron_rspo import checkpoint
+
+    return checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(init_from))["ModelConfig"]
+
+
 def model_description(init_from: str, short: bool = False) -> str:
     """The checkpoint's model shape, read from its saved run config (``short``: "E8 top-2, 4L h128")."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from megatron_rspo import checkpoint
-
-        m = checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(init_from))["ModelConfig"]
-        if short:
-            return f"E{m['num_experts']} top-{m['moe_router_topk']}, {m['num_layers']}L h{m['hidden_size']}"
-        return (f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
-                f"{m['num_experts']} experts top-{m['moe_router_topk']} (MoE every {m['moe_layer_freq']} layer(s)), "
-                f"vocab {m['vocab_size']}")
+        m = _model_config(init_from)
     except Exception as e:  # noqa: BLE001
         return "?" if short else f"(could not read the checkpoint's model config: {e})"
+    if short:
+        return f"E{m['num_experts']} top-{m['moe_router_topk']}, {m['num_layers']}L h{m['hidden_size']}"
+    return (f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
+            f"{m['num_experts']} experts top-{m['moe_router_topk']} (MoE every {m['moe_layer_freq']} layer(s)), "
+            f"vocab {m['vocab_size']}")
 
 
 def log_tail(run_dir: str, n: int = 1) -> str:
