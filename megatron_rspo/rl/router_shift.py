@@ -156,7 +156,19 @@ def expert_set_change_rate(
     ``old_ids`` [N, T, L, K], ``current_topk_ids`` [N, T, L, K'] (same N, T, L), ``mask`` [N, T] valid tokens.
     Returns a scalar (averaged over valid token×layer×k) or, with ``per_layer``, an [L] tensor.
     """
-    changed = expert_set_changed(old_ids, current_topk_ids)
+    return change_rate(expert_set_changed(old_ids, current_topk_ids), mask, layer_mask, per_layer)
+
+
+@torch.no_grad()
+def change_rate(
+    changed: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    layer_mask: torch.Tensor | None = None,
+    per_layer: bool = False,
+) -> torch.Tensor:
+    """The mean of :func:`expert_set_changed`'s [N, T, L] fractions over valid tokens (and layers): a scalar
+    or, with ``per_layer``, an [L] tensor. Split out for callers that already hold ``changed`` (pipeline
+    stages send it to the last stage)."""
     n, t, num_layers = changed.shape
     w = torch.ones_like(changed)
     if mask is not None:

@@ -21,7 +21,7 @@ from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalty, masked_mean
 from megatron_rspo.rl.metrics import gamma_stats, router_shift_stats
 from megatron_rspo.rl.parallel import RoutingLayout, unwrap
-from megatron_rspo.rl.router_shift import RouterShiftConfig, aggregate_layers, router_shift_ratio
+from megatron_rspo.rl.router_shift import RouterShiftConfig, aggregate_layers, change_rate, router_shift_ratio
 from megatron_rspo.rl.routing_exchange import PipelineRouting, stage_routing, stage_scores
 
 
@@ -158,9 +158,7 @@ class TrainStep(_Step):
                 gamma = router_shift_ratio(aggregate_layers(routing.shift, rs.aggregation), rs.floor)
                 stats.update(gamma_stats(gamma, mask, rs.floor))
         if have_ids and routing.changed.shape[-1]:
-            # the mean over valid tokens x layers of the changed fraction (router_shift.expert_set_change_rate)
-            stats["expert_set_change_rate"] = masked_mean(routing.changed, mask.bool()[..., None].expand_as(
-                routing.changed))
+            stats["expert_set_change_rate"] = change_rate(routing.changed, mask)
         loss, loss_stats = self.loss_fn(logp, exp.old_logp, exp.advantages, mask, opts.loss, gamma=gamma,
                                         normalizer=self.normalizer)
         stats.update(loss_stats)
