@@ -179,7 +179,6 @@ class RLTrainer:
             exp.old_logp = torch.cat([o["logp"] for o in outs]) if outs else None  # last pipeline stage only
             exp.old_log_scores = torch.cat(step.log_scores)  # this stage's MoE layers
         if self.ref is not None:
-
             with torch.no_grad():
                 exp.ref_logp = token_logprobs(forward_logits(self.ref, exp.tokens[:, :-1]) / self.rl.temperature,
                                               exp.tokens[:, 1:])
