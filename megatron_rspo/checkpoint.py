@@ -35,6 +35,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_rspo import rng_state
 from megatron_rspo.config import ModelConfig, save_json
+from megatron_rspo.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ _OPTIM_METADATA = {"chained_optim_avoid_prefix": True}
 RUNTIME_FIELDS = frozenset({
     "moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_token_dispatcher_type", "init_method_std",
     "hidden_dropout", "attention_dropout", "transformer_impl", "bf16", "max_position_embeddings",
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "moe_grouped_gemm",
 })
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint, an incomplete/corrupt one, or one that does not fit the model."""
 
 

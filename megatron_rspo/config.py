@@ -1,7 +1,8 @@
 """Dataclass configs with Megatron-style command-line flags, validated before any work starts.
 
 Each dataclass field ``foo_bar`` is the flag ``--foo-bar`` (Megatron's spelling where Megatron has
-the option). Booleans are ``--flag`` / ``--no-flag``. ``validate`` checks every cross-field and
+the option), with its ``--help`` text in the field's metadata (``arg(default, help)``). Booleans are
+``--flag`` / ``--no-flag``. ``validate`` (``megatron_rspo.validation``) checks every cross-field and
 parallel-layout constraint up front, so a bad combination fails before a model is built.
 """
 
@@ -15,64 +16,103 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, TypeVar, get_args, get_origin
 
+from megatron_rspo.errors import ConfigError, UserError
 
-class ConfigError(ValueError):
-    """An invalid or incompatible setting; raised before any work starts."""
+
+def arg(default: Any, help: str) -> Any:
+    """A dataclass field whose ``--help`` text is ``help`` (argparse appends the default)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
     """A Qwen-MoE-like decoder: RMSNorm, RoPE, SwiGLU, every ``moe_layer_freq``-th layer MoE."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128  # dense layers (when moe_layer_freq > 1)
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # GQA; None = MHA
-    kv_channels: Optional[int] = None  # head dim; None = hidden/heads
-    num_experts: int = 4
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: Optional[int] = None  # None = ffn_hidden_size
-    moe_layer_freq: int = 1  # 1: every layer is MoE
-    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
-    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (no renorm)
-    moe_router_topk_scaling_factor: Optional[float] = None
-    moe_router_enable_expert_bias: bool = False
-    moe_aux_loss_coeff: float = 0.0
-    moe_router_load_balancing_type: str = "aux_loss"
-    moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
-    moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_shared_expert_gate: bool = False
-    qk_layernorm: bool = False
-    add_qkv_bias: bool = False  # bias on the fused QKV projection only (Qwen2 attention)
-    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    norm_epsilon: float = 1e-6
-    swiglu: bool = True
-    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
-    rotary_base: int = 10000
-    max_position_embeddings: int = 256
-    vocab_size: int = 0  # 0 = take it from the tokenizer
-    untie_embeddings_and_output_weights: bool = True
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    bf16: bool = False
+    num_layers: int = arg(2, "Number of transformer layers.")
+    hidden_size: int = arg(64, "Transformer hidden size.")
+    ffn_hidden_size: int = arg(128, "Transformer feed-forward network hidden size (dense layers; the experts' "
+                                    "default).")
+    num_attention_heads: int = arg(4, "Number of transformer attention heads.")
+    num_query_groups: Optional[int] = arg(None, "Number of query groups for group-query attention (None: MHA).")
+    kv_channels: Optional[int] = arg(None, "Projection weights dimension in multi-head attention (head dim; None: "
+                                           "hidden-size // num-attention-heads).")
+    num_experts: int = arg(4, "Number of experts in each MoE layer.")
+    moe_router_topk: int = arg(2, "Number of experts to route to for each token.")
+    moe_ffn_hidden_size: Optional[int] = arg(None, "The hidden size of each expert's feed-forward network (None: "
+                                                   "--ffn-hidden-size).")
+    moe_layer_freq: int = arg(1, "Frequency between MoE layers and dense layers: every N-th layer is MoE (1: all).")
+    moe_router_score_function: Literal["softmax", "sigmoid"] = arg("softmax", "Score function for MoE top-k routing.")
+    moe_router_pre_softmax: bool = arg(False, "Softmax over all experts before the top-k selection (no "
+                                              "renormalisation of the top-k weights).")
+    moe_router_topk_scaling_factor: Optional[float] = arg(None, "Scaling factor for the routing score in top-k "
+                                                                "selection (None: no scaling).")
+    moe_router_enable_expert_bias: bool = arg(False, "Top-k routing with a dynamic per-expert bias (aux-loss-free "
+                                                     "load balancing; sigmoid routers).")
+    moe_aux_loss_coeff: float = arg(0.0, "Scaling coefficient for the load-balancing aux loss.")
+    moe_router_load_balancing_type: str = arg("aux_loss", "Load-balancing strategy of the router: aux_loss, "
+                                                          "seq_aux_loss, global_aux_loss or none.")
+    moe_token_dispatcher_type: Optional[Literal["allgather", "alltoall"]] = arg(
+        None, "The type of token dispatcher (None: alltoall with --expert-model-parallel-size > 1, else allgather).")
+    moe_shared_expert_intermediate_size: Optional[int] = arg(None, "Shared expert total FFN hidden size (None: no "
+                                                                   "shared expert).")
+    moe_shared_expert_gate: bool = arg(False, "Sigmoid gate on the shared expert's output (Qwen2-MoE).")
+    moe_grouped_gemm: bool = arg(False, "Run the local experts of a rank as one grouped GEMM (TransformerEngine's "
+                                        "TEGroupedMLP, or GroupedMLP with the grouped_gemm package). Needs CUDA.")
+    qk_layernorm: bool = arg(False, "Layer-normalise the query and key attention embeddings (Qwen3).")
+    add_qkv_bias: bool = arg(False, "Bias on the fused QKV projection only (Qwen2 attention).")
+    normalization: Literal["RMSNorm", "LayerNorm"] = arg("RMSNorm", "Which normalisation technique to use.")
+    norm_epsilon: float = arg(1e-6, "Epsilon for layer norm and RMS norm.")
+    swiglu: bool = arg(True, "Gated linear units with SiLU activation (--no-swiglu: GeLU).")
+    position_embedding_type: Literal["rope", "learned_absolute"] = arg("rope", "Position embedding type.")
+    rotary_base: int = arg(10000, "Base of the rotary positional embeddings.")
+    max_position_embeddings: int = arg(256, "Maximum sequence length (size of the position embedding table).")
+    vocab_size: int = arg(0, "Vocabulary size (0: the tokenizer's).")
+    untie_embeddings_and_output_weights: bool = arg(True, "Untie the embeddings and the output weights.")
+    init_method_std: float = arg(0.02, "Standard deviation of the zero-mean normal weight initialisation.")
+    hidden_dropout: float = arg(0.0, "Dropout probability for the hidden state.")
+    attention_dropout: float = arg(0.0, "Post-attention dropout probability.")
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = arg(
+        "auto", "Which transformer implementation to use (auto: transformer_engine when installed and on CUDA).")
+    bf16: bool = arg(False, "Run the model in bfloat16; Megatron's optimizer keeps fp32 main params and "
+                            "grads. Needs CUDA.")
+    recompute_granularity: Optional[Literal["full", "selective"]] = arg(
+        None, "Activation recomputation: full (whole transformer layers, see --recompute-method) or selective "
+              "(core attention only). None: keep all activations.")
+    recompute_method: Optional[Literal["uniform", "block"]] = arg(
+        None, "With --recompute-granularity full: uniform (recompute chunks of --recompute-num-layers layers) or "
+              "block (recompute the first --recompute-num-layers layers of each pipeline stage).")
+    recompute_num_layers: Optional[int] = arg(None, "Layers per recompute chunk (uniform) or recomputed layers per "
+                                                    "pipeline stage (block).")
 
     def moe_layer_numbers(self) -> list[int]:
         """1-based numbers of the MoE layers (Megatron's layer_number)."""
         return [n for n in range(1, self.num_layers + 1) if (n - 1) % self.moe_layer_freq == 0]
 
+    def token_dispatcher(self, parallel: ParallelConfig) -> str:
+        """The token dispatcher in effect: the flag's, else alltoall with EP > 1 (tokens go only to the
+        ranks that own their experts) and allgather without (nothing to exchange)."""
+        if self.moe_token_dispatcher_type is not None:
+            return self.moe_token_dispatcher_type
+        return "alltoall" if parallel.expert_model_parallel_size > 1 else "allgather"
+
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    num_microbatches: int = 1  # micro-batches per step through the pipeline schedule
-    # None: 1 with expert parallelism (EP groups carved from DP*TP ranks), else TP (experts split like dense MLPs)
-    expert_tensor_parallel_size: Optional[int] = None
+    tensor_model_parallel_size: int = arg(1, "Degree of tensor model parallelism.")
+    pipeline_model_parallel_size: int = arg(1, "Degree of pipeline model parallelism.")
+    expert_model_parallel_size: int = arg(1, "Degree of expert model parallelism.")
+    sequence_parallel: bool = arg(False, "Enable sequence parallelism (needed by MoE with TP > 1).")
+    num_microbatches: int = arg(1, "Micro-batches per step through the pipeline schedule.")
+    expert_tensor_parallel_size: Optional[int] = arg(
+        None, "Degree of expert tensor parallelism (None: 1 with expert parallelism, whose groups are carved from "
+              "the DP*TP ranks, else --tensor-model-parallel-size, experts split like dense MLPs).")
+    use_distributed_optimizer: bool = arg(False, "Use Megatron's distributed optimizer (optimizer state and main "
+                                                 "params sharded over data-parallel ranks). Needs CUDA.")
+    overlap_grad_reduce: bool = arg(False, "Overlap the DDP gradient reduction with the backward pass.")
+    overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next "
+                                            "forward pass (needs --use-distributed-optimizer).")
 
     def expert_tp(self) -> int:
         """The expert tensor-parallel size in effect."""
@@ -83,29 +123,30 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_style: Literal["constant", "cosine", "linear"] = "cosine"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = arg(1e-3, "Peak learning rate (after warm-up).")
+    min_lr: float = arg(0.0, "Minimum learning rate; the scheduler clips values below it.")
+    lr_warmup_iters: int = arg(0, "Optimizer steps to linearly warm the learning rate up over.")
+    lr_decay_style: Literal["constant", "cosine", "linear"] = arg("cosine", "Learning-rate decay function.")
+    weight_decay: float = arg(0.0, "Weight-decay coefficient (decoupled, AdamW).")
+    adam_beta1: float = arg(0.9, "Adam: first coefficient for the running averages of the gradient.")
+    adam_beta2: float = arg(0.95, "Adam: second coefficient for the running averages of its square.")
+    adam_eps: float = arg(1e-8, "Adam: term added to the denominator for numerical stability.")
+    clip_grad: float = arg(1.0, "Gradient clipping on the global L2 norm (0: off).")
 
 
 @dataclass
 class RunConfig:
-    seed: int = 1234
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: int = 0  # 0: save at the end only
-    keep_last: Optional[int] = None  # keep only the newest N complete checkpoints
-    tensorboard_dir: Optional[str] = None
-    log_interval: int = 10
-    eval_interval: int = 0
-    tokenizer_model: Optional[str] = None  # sentencepiece .model file or HF tokenizer directory
-    progress: bool = True
+    seed: int = arg(1234, "Random seed (python, torch, Megatron's RNG tracker, data order).")
+    save: Optional[str] = arg(None, "Directory to save checkpoints to.")
+    load: Optional[str] = arg(None, "Directory of a checkpoint to resume from (a fresh run when it holds none).")
+    save_interval: int = arg(0, "Iterations between checkpoint saves (0: save at the end only).")
+    keep_last: Optional[int] = arg(None, "Keep only the newest N complete checkpoints (None: keep all).")
+    tensorboard_dir: Optional[str] = arg(None, "Write tensorboard logs to this directory.")
+    log_interval: int = arg(10, "Iterations between console metric lines.")
+    eval_interval: int = arg(0, "Iterations between held-out evaluations (0: none during training).")
+    tokenizer_model: Optional[str] = arg(None, "Sentencepiece .model file or Hugging Face tokenizer directory "
+                                               "(required).")
+    progress: bool = arg(True, "Show a progress bar.")
 
 
 C = TypeVar("C")
@@ -120,24 +161,30 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def field_help(f: dataclasses.Field) -> str:
+    """A field's help text (empty when it has none)."""
+    return str(f.metadata.get("help", ""))
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
-    """Add one ``--flag`` per field of ``cls`` (dest = field name)."""
+    """Add one ``--flag`` per field of ``cls`` (dest = field name, help from the field's metadata)."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": field_help(f).replace("%", "%%")}
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif get_origin(tp) is Literal:
             choices = list(get_args(tp))
-            group.add_argument(flag, dest=f.name, choices=choices, type=type(choices[0]), default=default)
+            group.add_argument(flag, choices=choices, type=type(choices[0]), **kw)
         elif get_origin(tp) is list:
             (item,) = get_args(tp)
-            group.add_argument(flag, dest=f.name, nargs="+", type=item, default=default)
+            group.add_argument(flag, nargs="+", type=item, **kw)
         else:
-            group.add_argument(flag, dest=f.name, type=tp, default=default)
+            group.add_argument(flag, type=tp, **kw)
 
 
 def from_args(cls: type[C], ns: argparse.Namespace) -> C:
@@ -160,82 +207,10 @@ def load_model_config(path: str) -> ModelConfig:
     return ModelConfig(**data["ModelConfig"])
 
 
-def validate(model: ModelConfig, parallel: ParallelConfig, world_size: int = 1) -> None:
-    """Raise ConfigError naming the offending flags for any invalid combination."""
-    errors: list[str] = []
-    tp, pp, ep = (
-        parallel.tensor_model_parallel_size,
-        parallel.pipeline_model_parallel_size,
-        parallel.expert_model_parallel_size,
-    )
-    for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                    ("--expert-model-parallel-size", ep), ("--num-layers", model.num_layers),
-                    ("--hidden-size", model.hidden_size), ("--num-attention-heads", model.num_attention_heads),
-                    ("--num-microbatches", parallel.num_microbatches)):
-        if v < 1:
-            errors.append(f"{name} must be >= 1 (got {v})")
-    if errors:
-        raise ConfigError("; ".join(errors))
-    if model.num_experts < 1:
-        errors.append(f"--num-experts must be >= 1 (got {model.num_experts})")
-    if not 1 <= model.moe_router_topk <= max(model.num_experts, 1):
-        errors.append(f"--moe-router-topk ({model.moe_router_topk}) must be in [1, --num-experts={model.num_experts}]")
-    if model.num_experts > 32767:
-        errors.append("--num-experts > 32767 cannot be recorded as int16 expert ids")
-    etp = parallel.expert_tp()
-    if etp < 1 or tp % etp:
-        errors.append(f"--expert-tensor-parallel-size ({etp}) must divide --tensor-model-parallel-size ({tp})")
-        etp = 1
-    elif ep == 1 and etp != tp:
-        # With EP = 1 Megatron treats expert weights as dense ones and reduces their grads over the dense DP
-        # group only, which misses the TP peers that routed other tokens through the same (replicated) experts.
-        errors.append(f"--expert-tensor-parallel-size ({etp}) must equal --tensor-model-parallel-size ({tp}) "
-                      "when --expert-model-parallel-size is 1")
-    if (model.moe_ffn_hidden_size or model.ffn_hidden_size) % etp:
-        errors.append(f"the expert FFN size is not divisible by the expert tensor-parallel size ({etp})")
-    if model.num_experts % ep:
-        errors.append(f"--num-experts ({model.num_experts}) is not divisible by --expert-model-parallel-size ({ep})")
-    if model.hidden_size % model.num_attention_heads and model.kv_channels is None:
-        errors.append(f"--hidden-size ({model.hidden_size}) is not divisible by --num-attention-heads "
-                      f"({model.num_attention_heads}); set --kv-channels")
-    if model.num_attention_heads % tp:
-        errors.append(f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
-                      f"--tensor-model-parallel-size ({tp})")
-    groups = model.num_query_groups or model.num_attention_heads
-    if model.num_attention_heads % groups:
-        errors.append(f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
-                      f"--num-query-groups ({groups})")
-    if groups % tp:
-        errors.append(f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp})")
-    if tp > 1 and model.num_experts > 0 and not parallel.sequence_parallel:
-        errors.append("MoE with --tensor-model-parallel-size > 1 requires --sequence-parallel")
-    if parallel.sequence_parallel and tp == 1:
-        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if model.num_layers % pp:
-        errors.append(f"--num-layers ({model.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
-    if model.moe_layer_freq < 1:
-        errors.append("--moe-layer-freq must be >= 1")
-    if model.moe_router_score_function == "sigmoid" and model.moe_router_pre_softmax:
-        errors.append("--moe-router-pre-softmax only applies to --moe-router-score-function softmax")
-    if model.moe_router_enable_expert_bias and model.moe_router_score_function != "sigmoid":
-        errors.append("--moe-router-enable-expert-bias requires --moe-router-score-function sigmoid")
-    if model.moe_router_load_balancing_type == "sinkhorn":
-        errors.append("--moe-router-load-balancing-type sinkhorn is not supported (routing records need top-k)")
-    if model.moe_shared_expert_gate and model.moe_shared_expert_intermediate_size is None:
-        errors.append("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
-    if world_size % (tp * pp):
-        errors.append(f"world size {world_size} is not divisible by TP*PP = {tp * pp}")
-    else:
-        dp = world_size // (tp * pp)
-        # Megatron carves the expert groups (expert TP x EP) from the DP*TP ranks of a stage.
-        if (dp * tp) % (etp * ep):
-            errors.append(f"--expert-model-parallel-size ({ep}) x expert TP ({etp}) must divide DP*TP = {dp * tp} "
-                          f"(world size {world_size}, TP {tp}, PP {pp})")
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-
+# Validation lives in its own module (it is long); imported here so ``config.validate`` stays the entry.
+from megatron_rspo.validation import validate  # noqa: E402
 
 __all__ = [
-    "ConfigError", "ModelConfig", "ParallelConfig", "OptimConfig", "RunConfig", "add_dataclass_args",
-    "from_args", "to_dict", "save_json", "load_model_config", "validate", "field",
+    "ConfigError", "UserError", "ModelConfig", "ParallelConfig", "OptimConfig", "RunConfig", "add_dataclass_args",
+    "arg", "field_help", "from_args", "to_dict", "save_json", "load_model_config", "validate", "field",
 ]

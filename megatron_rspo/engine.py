@@ -20,8 +20,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
 from megatron_rspo.model.provider import build_model
+from megatron_rspo.validation import raise_errors, training_errors
 
 ForwardStep = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
 
@@ -40,21 +42,31 @@ class Engine:
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, optim_cfg: OptimConfig,
                  train_iters: int) -> None:
         self.model_cfg, self.parallel_cfg, self.optim_cfg = model_cfg, parallel_cfg, optim_cfg
-        self.module = build_model(model_cfg, parallel_cfg)
+        raise_errors(training_errors(model_cfg, parallel_cfg), "invalid training configuration")
+        self.module = build_model(model_cfg, parallel_cfg, ddp=True)
         config = self.module.config
+        # bf16: the model's params and activations are bf16 (params_dtype); grads are reduced in fp32 and the
+        # optimizer keeps fp32 main params (Float16OptimizerWithFloat16Params / the distributed optimizer).
+        # No Float16Module: its only job, casting float inputs to bf16 and outputs to fp32, is moot here
+        # (inputs are token ids; every consumer of the logits upcasts them).
         self.ddp = DistributedDataParallel(
             config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                          use_distributed_optimizer=False),
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
+                use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+                overlap_param_gather=parallel_cfg.overlap_param_gather,
+            ),
             self.module,
         )
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = self.ddp.no_sync
+        config.no_sync_func = self.ddp.no_sync  # grads of non-final micro-batches are not reduced (overlap)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
                 adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
                 clip_grad=optim_cfg.clip_grad, bf16=model_cfg.bf16, params_dtype=config.params_dtype,
+                use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
             ),
             [self.ddp],
         )
@@ -68,9 +80,13 @@ class Engine:
 
     @property
     def loss_scale(self) -> float:
+        """``loss_scale_for`` the configured ``--num-microbatches``."""
+        return self.loss_scale_for(self.parallel_cfg.num_microbatches)
+
+    def loss_scale_for(self, num_microbatches: int) -> float:
         """Multiply a globally-normalised micro-batch loss by this: Megatron divides by the number of
-        micro-batches and DDP averages over DP ranks."""
-        return float(self.parallel_cfg.num_microbatches * parallel_state.get_data_parallel_world_size())
+        micro-batches of the step and DDP averages over DP ranks."""
+        return float(num_microbatches * parallel_state.get_data_parallel_world_size())
 
     def _run(self, forward_step: ForwardStep, microbatches: Iterable[Any], num_microbatches: int,
              forward_only: bool, seq_length: int, micro_batch_size: int) -> list[Any]:
@@ -95,15 +111,33 @@ class Engine:
         self.optimizer.zero_grad()
         return self._run(forward_step, microbatches, len(microbatches), False, seq_length, micro_batch_size)
 
+    def grads_finite(self, losses: Iterable[torch.Tensor] = ()) -> bool:
+        """True when every gradient of every rank (and every given loss) is finite. One fused check over
+        the contiguous grad buffers, one all-reduce over the world, one host sync: every rank then
+        agrees whether to step."""
+        device = distributed.module_device(self.module)
+        checks = [torch.isfinite(b.grad_data).all() for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
+        checks += [torch.isfinite(x.detach()).all() for x in losses]
+        ok = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=device)
+        flag = ok.to(device=device, dtype=torch.int32).reshape(1)
+        return bool(distributed.all_reduce(flag, distributed.ReduceOp.MIN)[0])
+
     def train_step(self, forward_step: ForwardStep, microbatches: list[Any], seq_length: int,
                    micro_batch_size: int) -> StepResult:
-        """``forward_backward``, then one optimizer step."""
+        """``forward_backward``, then one optimizer step, unless a loss or a gradient is not finite: then
+        the step is skipped (weights, optimizer state and LR schedule untouched; ``skipped`` is True).
+        The micro-batch stats' ``loss`` entries, when present, are part of the check."""
         metrics = self.forward_backward(forward_step, microbatches, seq_length, micro_batch_size)
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step applies (the scheduler moves it after)
+        losses = [m["loss"] for m in metrics if isinstance(m, dict) and "loss" in m]
+        if not self.grads_finite(losses):
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return StepResult(metrics=metrics, grad_norm=float("nan"), lr=lr, skipped=True)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0),
-                          lr=self.optimizer.param_groups[0]["lr"], skipped=not ok)
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0), lr=lr, skipped=not ok)
 
     @torch.no_grad()
     def forward_only(self, forward_step: ForwardStep, microbatches: list[Any], seq_length: int,

@@ -14,20 +14,21 @@ import argparse
 import os
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_rspo import checkpoint
+from megatron_rspo import checkpoint, distributed
+from megatron_rspo.cli import HelpFormatter, run_cli
 from megatron_rspo.config import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
     RunConfig,
     add_dataclass_args,
+    arg,
     from_args,
-    validate,
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
@@ -35,20 +36,42 @@ from megatron_rspo.evaluation import evaluate_countdown
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.logprobs import forward_logits, token_logprobs
 from megatron_rspo.model.provider import count_parameters, init_distributed, shutdown_distributed
-from megatron_rspo.rl.parallel import agreed_forward_length, generation_mode
+from megatron_rspo.rl.parallel import agreed_forward_length, all_reduce_dp, generation_mode
 from megatron_rspo.tasks import countdown
 from megatron_rspo.tokenizer import Tokenizer, load_tokenizer
+from megatron_rspo.validation import (
+    data_file_errors,
+    model_parallel_errors,
+    optim_errors,
+    raise_errors,
+    run_errors,
+    training_errors,
+)
 
 
 @dataclass
 class SFTConfig:
-    train_data: str = "data/countdown/train.jsonl"
-    test_data: str = "data/countdown/test.jsonl"
-    template: str = "tiny"
-    micro_batch_size: int = 32  # per data-parallel rank and micro-batch
-    train_iters: int = 500
-    eval_samples: int = 200
-    eval_max_new_tokens: int = 24
+    train_data: str = arg("data/countdown/train.jsonl", "Countdown training instances (JSONL with reference "
+                                                        "solutions).")
+    test_data: str = arg("data/countdown/test.jsonl", "Held-out Countdown instances for the accuracy.")
+    template: Literal["tiny", "chat"] = arg("tiny", "Prompt template of the examples.")
+    micro_batch_size: int = arg(32, "Examples per data-parallel rank and micro-batch.")
+    train_iters: int = arg(500, "Optimizer steps.")
+    eval_samples: int = arg(200, "Held-out instances per evaluation (greedy).")
+    eval_max_new_tokens: int = arg(24, "Maximum generated tokens per evaluation answer.")
+
+
+def validate_sft_run(model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfig, run: RunConfig, sft: SFTConfig,
+                     world_size: int = 1, cuda: bool | None = None, check_files: bool = True) -> None:
+    """Every problem of an SFT command line in one ConfigError, before any process group or model exists."""
+    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda)
+    errors += optim_errors(opt) + run_errors(run, check_files)
+    for name, low in (("micro_batch_size", 1), ("train_iters", 1), ("eval_samples", 0), ("eval_max_new_tokens", 1)):
+        if getattr(sft, name) < low:
+            errors.append(f"--{name.replace('_', '-')} must be >= {low} (got {getattr(sft, name)})")
+    if check_files:
+        errors += data_file_errors(train_data=sft.train_data, test_data=sft.test_data)
+    raise_errors(errors, "invalid SFT configuration")
 
 
 def encode_examples(instances: list[countdown.CountdownInstance], tok: Tokenizer, template: str
@@ -86,13 +109,14 @@ def sft_forward_step(data_iterator, model, loss_scale: float, global_tokens: flo
         mask = batch["loss_mask"]
         nll_sum = -(logp * mask).sum()
         loss = nll_sum / global_tokens
-        return loss * loss_scale, {"nll_sum": nll_sum.detach().clone(), "tokens": mask.sum().detach()}
+        return loss * loss_scale, {"nll_sum": nll_sum.detach().clone(), "tokens": mask.sum().detach(),
+                                   "loss": loss.detach()}
 
     return logits, loss_func
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for cls in (ModelConfig, ParallelConfig, OptimConfig, RunConfig, SFTConfig):
         add_dataclass_args(parser, cls)
     return parser
@@ -103,12 +127,10 @@ def main(argv: list[str] | None = None) -> float:
     ns = build_parser().parse_args(argv)
     model_cfg, par, opt, run, sft = (from_args(c, ns) for c in
                                      (ModelConfig, ParallelConfig, OptimConfig, RunConfig, SFTConfig))
+    validate_sft_run(model_cfg, par, opt, run, sft, int(os.environ.get("WORLD_SIZE", 1)))
     setup_console_logging()
-    if not run.tokenizer_model:
-        raise SystemExit("--tokenizer-model is required")
     tok = load_tokenizer(run.tokenizer_model)
     model_cfg.vocab_size = model_cfg.vocab_size or tok.vocab_size
-    validate(model_cfg, par, int(os.environ.get("WORLD_SIZE", 1)))
     train = encode_examples(countdown.load_jsonl(sft.train_data), tok, sft.template)
     test = countdown.load_jsonl(sft.test_data)[: sft.eval_samples]
     init_distributed(par, seed=run.seed)
@@ -132,20 +154,19 @@ def main(argv: list[str] | None = None) -> float:
         # dispatchers gather tokens over EP ranks, and sequence parallelism splits the sequence over TP.
         width = 1 + agreed_forward_length(max(len(p) + len(c) for b in batches for p, c in b) - 1,
                                           par.tensor_model_parallel_size if par.sequence_parallel else 1)
-        mbs = [collate(b, tok.pad_id, width) for b in batches]
-        n_tok = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in mbs)))
-        if dist.is_initialized():
-            dist.all_reduce(n_tok, group=parallel_state.get_data_parallel_group())
-        step = partial(sft_forward_step, loss_scale=engine.loss_scale, global_tokens=float(n_tok))
+        device = distributed.module_device(engine.module)  # batches live where the model does
+        mbs = [{k: v.to(device, non_blocking=True) for k, v in collate(b, tok.pad_id, width).items()} for b in batches]
+        n_tok = all_reduce_dp(torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum().reshape(1))
+        step = partial(sft_forward_step, loss_scale=engine.loss_scale, global_tokens=float(n_tok[0]))
         res = engine.train_step(step, mbs, seq_length=mbs[0]["tokens"].shape[1] - 1,
                                 micro_batch_size=sft.micro_batch_size)
         totals = torch.tensor([sum(float(m["nll_sum"]) for m in res.metrics),
                                sum(float(m["tokens"]) for m in res.metrics)], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed.world_size() > 1:
             # The loss lives on the last pipeline stage (rank 0 logs): sum over last-stage ranks of every DP rank.
             reports = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
             totals *= float(reports)
-            dist.all_reduce(totals)
+            distributed.all_reduce(totals)
         loss = float(totals[0]) / max(float(totals[1]), 1.0)
         progress.update(1, loss=loss)
         metrics.log(it + 1, {"train/loss": loss, "train/grad_norm": res.grad_norm, "train/lr": res.lr},
@@ -167,6 +188,10 @@ def main(argv: list[str] | None = None) -> float:
     return accuracy
 
 
+def cli() -> None:
+    """The ``rspo-sft`` console script and ``python -m megatron_rspo.sft``."""
+    run_cli(main, after=shutdown_distributed)
+
+
 if __name__ == "__main__":
-    main()
-    shutdown_distributed()
+    cli()

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from megatron_rspo.errors import TokenizerError
+
 DEFAULT_SPECIAL_SYMBOLS = ("<answer>", "</answer>")
 # Fixed ids for the sentencepiece models we train (sentencepiece's own default puts unk first).
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -182,14 +184,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A ``.model`` file -> sentencepiece; a directory with tokenizer.json / tokenizer_config.json ->
     Hugging Face; a directory holding only ``tokenizer.model`` (our data directories) -> sentencepiece."""
     p = Path(path)
+    if not p.exists():
+        raise TokenizerError(f"cannot load a tokenizer from {str(path)!r}: no such file or directory")
+    kind, source = None, p
     if p.is_file() and p.suffix == ".model":
-        return SentencePieceTokenizer(p)
-    if p.is_dir():
+        kind = SentencePieceTokenizer
+    elif p.is_dir():
         if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-            return HFTokenizer(p)
-        if (p / "tokenizer.model").is_file():
-            return SentencePieceTokenizer(p / "tokenizer.model")
-    raise ValueError(
+            kind = HFTokenizer
+        elif (p / "tokenizer.model").is_file():
+            kind, source = SentencePieceTokenizer, p / "tokenizer.model"
+    if kind is not None:
+        try:
+            return kind(source)
+        except (OSError, RuntimeError, ValueError) as e:  # what sentencepiece / transformers raise for a bad file
+            raise TokenizerError(f"cannot load a tokenizer from {str(source)!r}: {e}") from e
+    raise TokenizerError(
         f"cannot load a tokenizer from {str(path)!r}: expected a sentencepiece '.model' file or a directory "
         "with tokenizer.json / tokenizer_config.json (Hugging Face) or tokenizer.model"
     )

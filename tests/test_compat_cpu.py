@@ -121,3 +121,14 @@ def test_alltoall_dispatcher_needs_no_cuda_stream_and_gets_numpy_splits():
     assert d._maybe_dtoh_and_synchronize("before_permutation_1", tokens) is tokens
     assert d.input_splits.tolist() == [1, 2] and not torch.is_tensor(d.input_splits)  # numpy, as on GPU
     assert d.output_splits.tolist() == [3, 0] and d.output_splits_tp is None
+
+
+def test_recompute_runs_without_a_cuda_generator():
+    """Activation recomputation saves the CUDA RNG state; on CPU that is a no-op and the CPU state, which
+    CheckpointFunction saves itself, replays dropout (exact grads: tests/test_perf_flags.py)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    cpu.apply_cpu_patches()
+    state = mrandom._get_cuda_rng_state()
+    assert torch.is_tensor(state) and state.numel() == 0
+    assert mrandom._set_cuda_rng_state(state) is None

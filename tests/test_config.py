@@ -82,3 +82,25 @@ def test_expert_tensor_parallel_default():
     assert ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2).expert_tp() == 1
     assert ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
                           expert_tensor_parallel_size=2).expert_tp() == 2
+
+
+def test_every_config_field_has_help():
+    import dataclasses
+
+    from megatron_rspo.config import OptimConfig, RunConfig, field_help
+    from megatron_rspo.rl.config import RLConfig
+    from megatron_rspo.sft import SFTConfig
+
+    for cls in (ModelConfig, ParallelConfig, OptimConfig, RunConfig, RLConfig, SFTConfig):
+        missing = [f.name for f in dataclasses.fields(cls) if not field_help(f).strip()]
+        assert not missing, f"{cls.__name__}: {missing}"
+
+
+def test_zero_sizes_and_layout_errors_reported_together():
+    with pytest.raises(ConfigError) as exc:
+        validate(ModelConfig(num_layers=0, num_experts=6, moe_router_load_balancing_type="bogus"),
+                 ParallelConfig(expert_model_parallel_size=4, num_microbatches=0), 4)
+    msg = str(exc.value)
+    for needle in ("--num-layers must be >= 1", "--num-microbatches must be >= 1", "--num-experts (6) is not divisible",
+                   "'bogus' is not one of"):
+        assert needle in msg, needle

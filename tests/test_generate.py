@@ -85,7 +85,7 @@ def test_routing_and_logprobs_match_full_forward(model, temperature):
     g = torch.Generator().manual_seed(0)
     r = generate(model, PROMPTS, params, eos_id=EOS, pad_id=PAD, generator=g)
     n, s = r.tokens.shape
-    assert r.routing_ids.shape == (n, s, 2, 2) and r.routing_ids.dtype == torch.int8
+    assert r.routing_ids.shape == (n, s, 2, 2) and r.routing_ids.dtype == torch.uint8
     assert r.routing_log_scores.shape == (n, s, 2, 2) and r.routing_log_scores.dtype == torch.float32
     logits, session = full_forward(model, r.tokens)
     ids = RoutingSession.stack(session.recorded_ids, 2)

@@ -8,7 +8,13 @@ import torch
 
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.model.logprobs import forward_logits
-from megatron_rspo.model.routing import RoutingSession, frozen_router, routers, routing_session
+from megatron_rspo.model.routing import (
+    RoutingSession,
+    frozen_router,
+    id_dtype,
+    routers,
+    routing_session,
+)
 
 B, S = 3, 10
 
@@ -44,7 +50,7 @@ def test_record_matches_numpy_topk_and_scores(megatron_single_rank, score_functi
         h.remove()
     ids = RoutingSession.stack(sess.recorded_ids, 2)
     scores = RoutingSession.stack(sess.recorded_log_scores, 2)
-    assert ids.shape == (B, S, 2, 3) and ids.dtype == torch.int8
+    assert ids.shape == (B, S, 2, 3) and ids.dtype == torch.uint8
     assert scores.dtype == torch.float32
     for r in routers(model):
         ref = numpy_scores(seen[r.moe_index], r.weight, score_function)  # [B, S, E]
@@ -56,12 +62,43 @@ def test_record_matches_numpy_topk_and_scores(megatron_single_rank, score_functi
         np.testing.assert_allclose(scores[:, :, r.moe_index].numpy(), ref_logp, atol=1e-5)
 
 
-def test_record_is_compact_int16_for_many_experts(megatron_single_rank):
-    model = megatron_single_rank(ModelConfig(vocab_size=64, num_layers=1, num_experts=130, moe_router_topk=2))
-    with torch.no_grad(), routing_session(model, RoutingSession(record=True)) as sess:
-        forward_logits(model, torch.randint(0, 64, (2, 4)))
-    assert sess.recorded_ids[0].dtype == torch.int16
-    assert sess.recorded_ids[0].max() < 130
+def test_id_dtype_is_uint8_up_to_256_experts():
+    assert all(id_dtype(e) == torch.uint8 for e in (1, 8, 127, 128, 200, 256))
+    assert id_dtype(257) == id_dtype(32767) == torch.int16
+    with pytest.raises(ValueError):
+        id_dtype(32768)
+
+
+@pytest.mark.parametrize("num_experts, dtype", [(200, torch.uint8), (260, torch.int16)])
+def test_record_is_compact_for_many_experts(megatron_single_rank, num_experts, dtype):
+    model = megatron_single_rank(ModelConfig(vocab_size=64, num_layers=1, num_experts=num_experts, moe_router_topk=8))
+    model.eval()
+    tokens = torch.randint(0, 64, (2, 4))
+    with torch.no_grad():
+        for r in routers(model):  # lower half: logit 0; upper half: ~half of its logits clearly above 0
+            r.weight[: num_experts // 2] = 0.0
+            r.weight[num_experts // 2 :] *= 10.0
+        with routing_session(model, RoutingSession(record=True)) as sess:
+            forward_logits(model, tokens)
+        ids = RoutingSession.stack(sess.recorded_ids, 1)
+        assert ids.dtype == dtype and int(ids.min()) >= num_experts // 2 and int(ids.max()) < num_experts
+        # Consumers widen before indexing: replaying and scoring at these ids reproduces the record.
+        with routing_session(model, RoutingSession(record=True, replay_ids=ids, score_ids=ids)) as rep:
+            forward_logits(model, tokens)
+    assert torch.equal(RoutingSession.stack(rep.recorded_ids, 1), ids)
+    torch.testing.assert_close(rep.current_log_scores[0], sess.recorded_log_scores[0], rtol=0, atol=1e-6)
+
+
+def test_record_scores_false_records_ids_only(megatron_single_rank):
+    model = megatron_single_rank(ModelConfig(vocab_size=64, num_layers=2, num_experts=8, moe_router_topk=2))
+    model.eval()
+    tokens = torch.randint(0, 64, (B, S))
+    with torch.no_grad(), routing_session(model, RoutingSession(record=True)) as both:
+        forward_logits(model, tokens)
+    with torch.no_grad(), routing_session(model, RoutingSession(record=True, record_scores=False)) as ids_only:
+        forward_logits(model, tokens)
+    assert not ids_only.recorded_log_scores and sorted(ids_only.recorded_ids) == [0, 1]
+    assert torch.equal(RoutingSession.stack(ids_only.recorded_ids, 2), RoutingSession.stack(both.recorded_ids, 2))
 
 
 def test_replay_uses_given_ids_even_after_router_changes(megatron_single_rank):

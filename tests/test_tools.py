@@ -41,5 +41,14 @@ def test_overhead_benchmark_runs(tmp_path):
     results = overhead.main(["--shapes", "small E=8", "--rows", "4", "--seq", "16", "--repeats", "1",
                              "--out", str(tmp_path / "o.md")])
     assert results[0]["rspo_ms"] > 0 and results[0]["ratio"] > 0
-    assert results[0]["record_bytes_per_token"] == 2 * 2 * (1 + 4)  # L=2, K=2: int8 ids + fp32 scores
+    assert results[0]["record_bytes_per_token"] == 2 * 2 * (1 + 4)  # L=2, K=2: uint8 ids + fp32 scores
     assert "RSPO/GMPO" in (tmp_path / "o.md").read_text()
+
+
+def test_gpu_step_benchmark_smoke(monkeypatch, capsys):
+    """benchmarks/gpu_step.py (run by tools/gpu_check.sh) on toy sizes: the same code path on the CPU."""
+    gpu_step = load("benchmarks/gpu_step.py")
+    monkeypatch.setattr(sys, "argv", ["gpu_step.py", "--smoke"])
+    gpu_step.main()
+    out = capsys.readouterr().out
+    assert "| standard |" in out and "| fused |" in out

@@ -23,12 +23,14 @@ import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_rspo.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--save", required=True, help="output checkpoint root (iter_0000000/ is written)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--expert-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target tensor-parallel size")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1, help="target expert-parallel size")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target pipeline-parallel size")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="parameter dtype of the checkpoint (auto: bf16 if the HF config says so, else fp32)")
     args = p.parse_args(argv)
@@ -56,4 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns worker processes
-    sys.exit(main())
+    from megatron_rspo.cli import run_cli
+
+    run_cli(main)

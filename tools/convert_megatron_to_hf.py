@@ -16,11 +16,13 @@ import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_rspo.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint root (latest iteration) or an iter_* directory")
     p.add_argument("--hf-dir", required=True, help="output directory")
     p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--hf-config-from", default=None, help="original HF model dir: config.json + tokenizer files")
     p.add_argument("--model-type", choices=["qwen3_moe", "qwen2_moe", "mixtral"], default=None,
                    help="HF family when no HF config is available (default: inferred)")
@@ -41,4 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing may spawn worker processes
-    sys.exit(main())
+    from megatron_rspo.cli import run_cli
+
+    run_cli(main)

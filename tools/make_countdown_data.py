@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from megatron_rspo.cli import HelpFormatter, run_cli
+from megatron_rspo.config import ConfigError
 from megatron_rspo.tasks.countdown import (
     TEMPLATES,
     CountdownConfig,
@@ -29,25 +31,27 @@ from megatron_rspo.tokenizer import train_sentencepiece
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--num-train", type=int, default=20000)
-    p.add_argument("--num-test", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out-dir", required=True, type=Path, help="where train.jsonl, test.jsonl, tokenizer.model go")
+    p.add_argument("--num-train", type=int, default=20000, help="training instances")
+    p.add_argument("--num-test", type=int, default=500, help="held-out instances (disjoint from training)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed")
     p.add_argument("--num-numbers", type=int, nargs="+", default=[3, 4], help="numbers per instance (e.g. 3 4)")
-    p.add_argument("--min-number", type=int, default=1)
-    p.add_argument("--max-number", type=int, default=9)
-    p.add_argument("--min-target", type=int, default=1)
-    p.add_argument("--max-target", type=int, default=100)
+    p.add_argument("--min-number", type=int, default=1, help="smallest number")
+    p.add_argument("--max-number", type=int, default=9, help="largest number")
+    p.add_argument("--min-target", type=int, default=1, help="smallest target")
+    p.add_argument("--max-target", type=int, default=100, help="largest target")
     p.add_argument("--sorted-numbers", action="store_true", help="present the numbers sorted in prompts")
     p.add_argument("--vocab-size", type=int, default=64, help="sentencepiece vocab size (soft limit)")
-    p.add_argument("--model-type", default="bpe", choices=["bpe", "char", "unigram"])
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "char", "unigram"], help="sentencepiece model type")
     p.add_argument("--template", default="tiny", choices=TEMPLATES, help="template the tokenizer is trained on")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.num_train < 1 or args.num_test < 0:
+        raise ConfigError(f"--num-train must be >= 1 and --num-test >= 0 (got {args.num_train}, {args.num_test})")
     t0 = time.time()
     cfg = CountdownConfig(
         num_numbers=tuple(args.num_numbers),
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         max_target=args.max_target,
         sorted_numbers=args.sorted_numbers,
     )
-    train, test = generate_splits(args.num_train, args.num_test, seed=args.seed, config=cfg)
+    try:
+        cfg.validate()
+        train, test = generate_splits(args.num_train, args.num_test, seed=args.seed, config=cfg)
+    except ValueError as e:  # bad ranges, or too few unique instances for them: the flags' fault
+        raise ConfigError(str(e)) from None
     t_gen = time.time() - t0
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,4 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,6 +13,9 @@ import argparse
 import os
 import re
 
+from megatron_rspo.cli import HelpFormatter, run_cli
+from megatron_rspo.config import ConfigError
+
 PANELS = [
     ("reward/mean", "train reward (mean)"),
     ("eval/accuracy", "held-out accuracy"),
@@ -44,7 +47,7 @@ def parse_runs(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         label, _, path = spec.partition("=") if "=" in spec else (os.path.basename(spec.rstrip("/")), "", spec)
         if not os.path.isdir(path):
-            raise SystemExit(f"not a tensorboard run directory: {path}")
+            raise ConfigError(f"not a tensorboard run directory: {path}")
         runs[label] = path
     return runs
 
@@ -82,10 +85,10 @@ def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="tensorboard run directories (optionally label=path)")
     p.add_argument("--out", required=True, help="output directory for the PNGs")
-    p.add_argument("--title", default="RL runs")
+    p.add_argument("--title", default="RL runs", help="figure title")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     data = {label: read_scalars(path) for label, path in parse_runs(args.runs).items()}
@@ -106,4 +109,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -216,6 +216,19 @@ def patch_torch_norm_sequence_parallel() -> None:
     WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+@_patch("recompute_without_cuda_rng")
+def patch_recompute_rng() -> None:
+    """megatron-core 0.16.1 activation recomputation (``tensor_parallel.random.CheckpointFunction``) saves
+    and restores the CUDA generator's state through ``_get_cuda_rng_state``/``_set_cuda_rng_state``. On CPU
+    there is no CUDA generator: the CPU generator's state (which the tracker forks) is already saved
+    and restored by CheckpointFunction itself (``torch.get_rng_state``), so these two become no-ops and
+    dropout masks replay exactly in the recomputed forward."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+
+
 class _NoStream:
     """Stands in for the class-level ``torch.cuda.Stream`` of the alltoall dispatcher; never used."""
 

@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_rspo.errors import UserError
+
 Log = Callable[[str], None]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The checkpoint cannot be converted (unsupported architecture/feature, missing or misshapen tensors)."""
 
 

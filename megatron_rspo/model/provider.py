@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
+from megatron_rspo import distributed
 from megatron_rspo.compat.cpu import apply_cpu_patches, cuda_available
 from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig, validate
 from megatron_rspo.model.routing import RecordingTopKRouter
@@ -73,16 +74,34 @@ def shutdown_distributed() -> None:
     exception")."""
     global _LAYOUT
     if dist.is_initialized():
-        dist.barrier()
+        distributed.barrier()
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     _LAYOUT = None
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """Megatron TransformerConfig for our ModelConfig (CPU-safe fusions off without CUDA)."""
+def _fusion_kernels() -> dict[str, bool]:
+    """Which optional fused kernels megatron-core 0.16.1 can find here (all False without CUDA)."""
+    if not cuda_available():
+        return {"rope": False, "wgrad": False}
+    try:  # apex's CUDA extension behind Megatron's ColumnParallelLinear/RowParallelLinear wgrad fusion
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+
+        wgrad = True
+    except ImportError:
+        wgrad = False
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return {"rope": rope_utils.fused_apply_rotary_pos_emb is not None, "wgrad": wgrad}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, ddp: bool = False) -> TransformerConfig:
+    """Megatron TransformerConfig for our ModelConfig. The fusions are on with CUDA (where their kernels
+    exist) and off on CPU. ``ddp``: the model will be wrapped in Megatron's DDP, whose ``main_grad``
+    buffers the gradient-accumulation fusion writes into (a bare model's backward would fail)."""
     on_gpu = cuda_available()
+    kernels = _fusion_kernels()
     dtype = torch.bfloat16 if model.bf16 else torch.float32
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -101,10 +120,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
         moe_router_load_balancing_type=model.moe_router_load_balancing_type,
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-        moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+        moe_token_dispatcher_type=model.token_dispatcher(parallel),
         moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=model.moe_shared_expert_gate,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=model.moe_grouped_gemm,  # the block spec follows config.moe_grouped_gemm
         moe_router_dtype="fp32",
         qk_layernorm=model.qk_layernorm,
         normalization=model.normalization,
@@ -124,14 +143,18 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         params_dtype=dtype,
         bf16=model.bf16,
         pipeline_dtype=dtype,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
+        gradient_accumulation_fusion=ddp and kernels["wgrad"],
+        # Megatron's fused bias+GeLU needs a bias; SwiGLU's fused kernel works without one.
+        bias_activation_fusion=on_gpu and model.swiglu,
         masked_softmax_fusion=on_gpu,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu and kernels["rope"] and model.position_embedding_type == "rope",
+        persist_layer_norm=on_gpu,
     )
 
 
@@ -145,16 +168,18 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return te_available() and cuda_available()
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool = True) -> GPTModel:
+def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool = True, *,
+                ddp: bool = False) -> GPTModel:
     """The GPTModel of this rank (its pipeline stage), with recording routers.
 
     Parallel state must be initialised (``init_distributed``). ``init_weights=False`` skips the random
-    initialisation (weights are loaded right after, e.g. by checkpoint conversion).
+    initialisation (weights are loaded right after, e.g. by checkpoint conversion). ``ddp``: the caller
+    wraps the model in Megatron's DDP (enables the gradient-accumulation fusion where available).
     """
     if model.vocab_size <= 0:
         raise ConfigError("--vocab-size is unset (take it from the tokenizer)")
     validate(model, parallel, dist.get_world_size() if dist.is_initialized() else 1)
-    config = transformer_config(model, parallel)
+    config = transformer_config(model, parallel, ddp=ddp)
     config.perform_initialization = init_weights
     use_te = use_transformer_engine(model)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=model.normalization)

@@ -2,15 +2,15 @@
 
 One ``RoutingSession`` is attached to a model for the duration of a forward pass
 (``with routing_session(model, session): model(...)``). Per MoE layer and per token the router then
-  (a) records the top-K expert ids it used and the router log-scores at those ids
-      (``record=True``; used at rollout and in the old-policy pass),
+  (a) records the top-K expert ids it used and, unless ``record_scores=False``, the router log-scores
+      at those ids (``record=True``; used at rollout and in the old-policy pass),
   (b) routes with given ids instead of its own top-K (``replay_ids``; routing replay / R3), and
   (c) returns the current log-scores at given ids (``score_ids``; the training forward of RSPO),
       optionally keeping the autograd graph to the router weights (``differentiable_scores``).
 
 The score is the router's routing score over ALL experts — log-softmax over E experts for softmax
 routers, log-sigmoid for sigmoid routers — never the top-k-renormalised combine weights.
-Records are compact: ids int16 (int8 when E <= 127) and scores fp32, per layer [S, B, K]; they are
+Records are compact: ids uint8 (E <= 256, int16 above) and scores fp32, per layer [S, B, K]; they are
 assembled to [B, S, L, K] (L = MoE layers of the whole model) by ``RoutingSession.stack``.
 """
 
@@ -28,8 +28,13 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 
 def id_dtype(num_experts: int) -> torch.dtype:
-    """Smallest signed integer type that holds expert ids 0..E-1."""
-    return torch.int8 if num_experts <= 127 else torch.int16
+    """Smallest integer type that holds expert ids 0..E-1: uint8 up to 256 experts, else int16 (config caps
+    E at 32767). Unsigned: there is no "no record" value such as -1; padding positions hold 0."""
+    if num_experts <= 256:
+        return torch.uint8
+    if num_experts <= 32767:
+        return torch.int16
+    raise ValueError(f"{num_experts} experts do not fit int16 expert ids")
 
 
 def router_log_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -53,6 +58,7 @@ class RoutingSession:
     """
 
     record: bool = False
+    record_scores: bool = True  # with ``record``: also the log-scores at the ids (False: ids only, no gather)
     replay_ids: Optional[torch.Tensor] = None
     score_ids: Optional[torch.Tensor] = None
     differentiable_scores: bool = False
@@ -135,17 +141,23 @@ class RecordingTopKRouter(TopKRouter):
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
             self.router_replay = saved
-        grad = s.differentiable_scores and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad):
-            log_scores = router_log_scores(flat if grad else flat.detach(), self.score_function)
+        log_scores = None
+        if (s.record and s.record_scores) or s.score_ids is not None:  # skip the [T, E] log-softmax otherwise
+            grad = s.differentiable_scores and torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad):
+                log_scores = router_log_scores(flat if grad else flat.detach(), self.score_function)
         if s.record:
             ids = picker.ids
             s.recorded_ids[self.moe_index] = ids.view(seq, batch, -1).to(id_dtype(self.num_experts))
-            s.recorded_log_scores[self.moe_index] = log_scores.detach().gather(1, ids).view(seq, batch, -1)
+            if s.record_scores:
+                s.recorded_log_scores[self.moe_index] = log_scores.detach().gather(1, ids).view(seq, batch, -1)
         if s.score_ids is not None:
             old = s.ids_for_layer(s.score_ids, self.moe_index, seq, batch)
             s.current_log_scores[self.moe_index] = log_scores.gather(1, old).view(seq, batch, -1)
-        s.expert_load[self.moe_index] = routing_map.sum(dim=0).detach().float()
+        # Tokens per expert over real tokens only: Megatron's padding_mask (True = padding, [S, B] here)
+        # already keeps pads out of the aux loss and expert-bias counts; the load statistics follow it.
+        counted = routing_map if padding_mask is None else routing_map & ~padding_mask.reshape(-1, 1).bool()
+        s.expert_load[self.moe_index] = counted.sum(dim=0).detach().float()
         return probs, routing_map
 
 

@@ -1,73 +1,202 @@
-"""RL flags (Megatron style: ``--rl-algorithm``, ``--num-generations``, ``--ppo-epochs``, ...)."""
+"""RL flags (Megatron style: ``--rl-algorithm``, ``--num-generations``, ``--ppo-epochs``, ...) and the one
+up-front check of a whole RL command line, ``validate_rl_run``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-from megatron_rspo.config import ConfigError
+from megatron_rspo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, arg
+from megatron_rspo.validation import (
+    data_file_errors,
+    model_parallel_errors,
+    optim_errors,
+    raise_errors,
+    run_errors,
+    training_errors,
+)
+
+# ModelConfig fields that say how the model runs, not what it computes: an RL run takes them from its own
+# command line even when the architecture comes from --init-from's checkpoint.
+RUNTIME_MODEL_FIELDS = ("moe_token_dispatcher_type", "transformer_impl", "moe_grouped_gemm",
+                        "recompute_granularity", "recompute_method", "recompute_num_layers")
+PP_REFUSED = ("RL rollouts need --pipeline-model-parallel-size 1 (generation has no pipelined path); the old-policy "
+              "pass and the training step support it (docs/parallelism.md)")
 
 
 @dataclass
 class RLConfig:
-    rl_algorithm: Literal["grpo", "gspo", "gmpo", "rspo"] = "rspo"
-    init_from: Optional[str] = None  # checkpoint to take the initial policy weights from (e.g. the SFT run)
+    rl_algorithm: Literal["grpo", "gspo", "gmpo", "rspo"] = arg("rspo", "Policy loss (rspo = gmpo + router shift).")
+    init_from: Optional[str] = arg(None, "Checkpoint to take the initial policy (weights and architecture) from, "
+                                         "e.g. the SFT run.")
     # Task and data
-    task: Literal["countdown", "math", "code"] = "countdown"  # tasks/registry.py
-    train_data: str = "data/countdown/train.jsonl"
-    test_data: str = "data/countdown/test.jsonl"
-    template: str = "tiny"  # "tiny" (the demo's Countdown prompt) or "chat" (wrapped in the tokenizer's chat template)
+    task: Literal["countdown", "math", "code"] = arg("countdown", "Task: data format, prompt and reward.")
+    train_data: str = arg("data/countdown/train.jsonl", "Training prompts (JSONL, or parquet for math/code).")
+    test_data: str = arg("data/countdown/test.jsonl", "Held-out prompts for evaluation.")
+    template: Literal["tiny", "chat"] = arg("tiny", "Prompt template: tiny (the demo's Countdown prompt) or chat "
+                                                    "(wrapped in the tokenizer's chat template).")
     # Rollout
-    rollout_batch_size: int = 16  # prompts per iteration (all DP ranks together)
-    num_generations: int = 8  # G samples per prompt
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_p: float = 1.0
+    rollout_batch_size: int = arg(16, "Prompts per iteration (all data-parallel ranks together).")
+    num_generations: int = arg(8, "Samples per prompt (G, the group of the group-relative advantage).")
+    max_new_tokens: int = arg(24, "Maximum response length in tokens.")
+    temperature: float = arg(1.0, "Sampling temperature (> 0); the policy's log-probs use the same temperature.")
+    top_p: float = arg(1.0, "Nucleus sampling: keep the smallest token set with this much probability (1: off).")
+    generation_batch_size: Optional[int] = arg(None, "Most rows generated at once per rank (None: all of the "
+                                                     "rank's rollout rows together).")
     # Updates (off-policy reuse: ppo_epochs x num_minibatches optimizer steps per rollout)
-    train_iters: int = 50  # RL iterations (rollouts)
-    ppo_epochs: int = 1
-    num_minibatches: int = 4
-    recompute_old_logprobs: bool = True  # False: reuse the rollout's log-probs / router scores
+    train_iters: int = arg(50, "RL iterations (rollouts).")
+    ppo_epochs: int = arg(1, "Passes over each rollout.")
+    num_minibatches: int = arg(4, "Optimizer steps per pass (mini-batches of a rollout).")
+    micro_batch_size: Optional[int] = arg(None, "Rows per micro-batch in every pass: old-policy, reference and "
+                                                "training (None: a mini-batch / --num-microbatches).")
+    micro_batch_tokens: Optional[int] = arg(None, "Token budget per micro-batch instead: rows = max(1, budget // "
+                                                  "forward length). Excludes --micro-batch-size.")
+    recompute_old_logprobs: bool = arg(True, "Old-policy forward pass after the rollout (--no-...: reuse the "
+                                             "rollout's log-probs and router scores).")
+    fused_logprobs: bool = arg(False, "Token log-probs from the final hidden states in token chunks, never "
+                                      "materialising [tokens, vocab] logits.")
+    logprob_chunk_tokens: int = arg(256, "Tokens per chunk of --fused-logprobs (each chunk holds a few "
+                                         "[chunk, V/TP] fp32 buffers: 256 x 152k x 4 B = 156 MB each).")
+    max_consecutive_skipped_steps: int = arg(3, "Optimizer steps skipped in a row (non-finite loss or gradient) "
+                                                "before the run stops.")
     # Policy loss
-    clip_eps: Optional[float] = None  # None: the algorithm's default (grpo 0.2, gspo 3e-4, gmpo/rspo 0.4)
-    clip_eps_high: Optional[float] = None  # DAPO clip-higher
-    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"  # grpo only
-    normalize_advantage_std: bool = True
-    kl_coeff: float = 0.0  # KL to the initial (reference) policy, k3 estimator
-    entropy_coeff: float = 0.0
+    clip_eps: Optional[float] = arg(None, "Clip range (None: the algorithm's: grpo 0.2, gspo 3e-4, gmpo/rspo 0.4 "
+                                          "in log space).")
+    clip_eps_high: Optional[float] = arg(None, "Upper clip range, DAPO clip-higher (None: --clip-eps, or the "
+                                               "algorithm's).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = arg("token_mean", "GRPO loss aggregation (gspo, gmpo "
+                                                                               "and rspo are sequence means).")
+    normalize_advantage_std: bool = arg(True, "Divide group-relative advantages by the group's reward std.")
+    kl_coeff: float = arg(0.0, "KL penalty to the initial (reference) policy, k3 estimator (0: off).")
+    entropy_coeff: float = arg(0.0, "Entropy bonus coefficient (0: off).")
     # Router shift (RS): on for rspo; a plug-in for the others
-    router_shift: bool = False
-    router_shift_floor: float = 0.8
-    router_shift_aggregation: Literal["mean", "sum"] = "mean"
-    router_shift_placement: Literal["pre_clip", "post_clip"] = "pre_clip"
+    router_shift: bool = arg(False, "Router-shift rescaling for any algorithm (always on for rspo).")
+    router_shift_floor: float = arg(0.8, "gamma_min, the floor of the router-shift ratio (the paper's value is not "
+                                         "public; 0.8 follows a public re-implementation).")
+    router_shift_aggregation: Literal["mean", "sum"] = arg("mean", "Layer aggregation of the router-shift distance: "
+                                                                   "mean (published) or sum.")
+    router_shift_placement: Literal["pre_clip", "post_clip"] = arg("pre_clip", "gamma rescales the ratio before "
+                                                                               "clipping (published) or after.")
     # Baseline modes
-    routing_replay: bool = False  # training forwards reuse the rollout's expert ids (R3-style)
-    freeze_router: bool = False
+    routing_replay: bool = arg(False, "Baseline: training forwards reuse the rollout's expert ids (R3-style).")
+    freeze_router: bool = arg(False, "Baseline: router weights get no gradient.")
     # Evaluation / diagnostics
-    eval_samples: int = 200
-    collapse_window: int = 20
-    collapse_sigmas: float = 4.0
+    eval_samples: int = arg(200, "Held-out prompts per evaluation.")
+    collapse_window: int = arg(20, "Iterations of the rolling baseline of the collapse warning.")
+    collapse_sigmas: float = arg(4.0, "Collapse warning: standard deviations above the rolling baseline.")
 
     @property
     def uses_router_shift(self) -> bool:
         return self.router_shift or self.rl_algorithm == "rspo"
 
     def validate(self, dp_size: int, num_microbatches: int) -> None:
-        errors = []
-        if self.num_generations < 2:
-            errors.append("--num-generations must be >= 2 (group-relative advantages)")
-        if self.rollout_batch_size % dp_size:
-            errors.append(f"--rollout-batch-size ({self.rollout_batch_size}) is not divisible by the "
-                          f"data-parallel size ({dp_size})")
-        rows = self.rollout_batch_size // max(dp_size, 1) * self.num_generations
-        if rows % (self.num_minibatches * num_microbatches):
-            errors.append(f"responses per rank ({rows}) are not divisible by --num-minibatches "
-                          f"({self.num_minibatches}) x --num-microbatches ({num_microbatches})")
-        if not 0.0 <= self.router_shift_floor <= 1.0:
-            errors.append("--router-shift-floor must be in [0, 1]")
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            errors.append("--ppo-epochs and --num-minibatches must be >= 1")
-        if self.routing_replay and self.freeze_router:
-            errors.append("--routing-replay and --freeze-router are separate baselines; pick one")
-        if errors:
-            raise ConfigError("invalid RL configuration:\n  - " + "\n  - ".join(errors))
+        """The RL-flag checks alone, for a known data-parallel size (``validate_rl_run`` checks everything)."""
+        raise_errors(rl_errors(self, ParallelConfig(num_microbatches=num_microbatches), dp_size),
+                     "invalid RL configuration")
+
+
+def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optional[ModelConfig] = None) -> list[str]:
+    """Problems of the RL flags; ``dp`` None: the layout itself is invalid (reported elsewhere)."""
+    errors: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    need(rl.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1 (got {rl.rollout_batch_size})")
+    need(rl.num_generations >= 2, f"--num-generations must be >= 2 (group-relative advantages; got "
+                                  f"{rl.num_generations})")
+    need(rl.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {rl.max_new_tokens})")
+    need(rl.temperature > 0, "greedy rollouts for RL are refused: --temperature must be > 0 (greedy decoding gives "
+                             f"every sample of a group the same response; got {rl.temperature})")
+    need(0 < rl.top_p <= 1, f"--top-p must be in (0, 1] (got {rl.top_p})")
+    need(rl.train_iters >= 1, f"--train-iters must be >= 1 (got {rl.train_iters})")
+    need(rl.ppo_epochs >= 1, f"--ppo-epochs must be >= 1 (got {rl.ppo_epochs})")
+    need(rl.num_minibatches >= 1, f"--num-minibatches must be >= 1 (got {rl.num_minibatches})")
+    for name in ("clip_eps", "clip_eps_high"):
+        v = getattr(rl, name)
+        need(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 when given (got {v})")
+    need(0.0 <= rl.router_shift_floor <= 1.0, f"--router-shift-floor must be in [0, 1] (got {rl.router_shift_floor})")
+    need(rl.eval_samples >= 0, f"--eval-samples must be >= 0 (got {rl.eval_samples})")
+    need(rl.collapse_window >= 2, f"--collapse-window must be >= 2 (got {rl.collapse_window})")
+    need(rl.collapse_sigmas > 0, f"--collapse-sigmas must be > 0 (got {rl.collapse_sigmas})")
+    need(rl.kl_coeff >= 0, f"--kl-coeff must be >= 0 (got {rl.kl_coeff})")
+    need(rl.entropy_coeff >= 0, f"--entropy-coeff must be >= 0 (got {rl.entropy_coeff})")
+    for name in ("micro_batch_size", "micro_batch_tokens", "generation_batch_size"):
+        v = getattr(rl, name)
+        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1 when given (got {v})")
+    need(rl.logprob_chunk_tokens >= 1, f"--logprob-chunk-tokens must be >= 1 (got {rl.logprob_chunk_tokens})")
+    need(rl.max_consecutive_skipped_steps >= 1,
+         f"--max-consecutive-skipped-steps must be >= 1 (got {rl.max_consecutive_skipped_steps})")
+    need(not (rl.routing_replay and rl.freeze_router), "--routing-replay and --freeze-router are separate baselines; "
+                                                       "pick one")
+    sized = rl.micro_batch_size is not None or rl.micro_batch_tokens is not None
+    need(rl.micro_batch_size is None or rl.micro_batch_tokens is None,
+         "--micro-batch-size and --micro-batch-tokens are exclusive; pick one")
+    need(not (sized and par.num_microbatches > 1), f"--num-microbatches ({par.num_microbatches}) and --micro-batch-"
+                                                   "size/--micro-batch-tokens both size the micro-batches; pick one")
+    pp = par.pipeline_model_parallel_size
+    need(pp <= 1, PP_REFUSED)
+    if model is not None and model.recompute_granularity == "full" and rl.routing_replay:
+        # The routing session ends with the forward; the backward's recomputed forward would route with the
+        # router's own top-k instead of the replayed ids, so the gradient would be of another function.
+        errors.append("--recompute-granularity full cannot be combined with --routing-replay (the backward "
+                      "recomputation would not replay the rollout's expert ids); use selective")
+    if dp is None or dp < 1 or rl.rollout_batch_size < 1 or rl.num_generations < 1 or rl.num_minibatches < 1:
+        return errors
+    if rl.rollout_batch_size % dp:
+        errors.append(f"--rollout-batch-size ({rl.rollout_batch_size}) is not divisible by the data-parallel size "
+                      f"({dp})")
+        return errors
+    rows = rl.rollout_batch_size // dp * rl.num_generations
+    micro = par.num_microbatches if not sized else 1
+    if par.num_microbatches >= 1 and rows % (rl.num_minibatches * micro):
+        errors.append(f"responses per rank ({rows}) are not divisible by --num-minibatches ({rl.num_minibatches})"
+                      + (f" x --num-microbatches ({par.num_microbatches})" if micro > 1 else ""))
+    elif pp > 1 and sized:  # Megatron's pipeline schedule exchanges fixed-shape activations
+        per_minibatch = rows // rl.num_minibatches
+        if rl.micro_batch_tokens is not None:
+            errors.append("--micro-batch-tokens gives a row count that varies with the forward length; with "
+                          "--pipeline-model-parallel-size > 1 use --micro-batch-size")
+        elif rl.micro_batch_size and per_minibatch % rl.micro_batch_size:
+            errors.append(f"responses per mini-batch ({per_minibatch}) are not divisible by --micro-batch-size "
+                          f"({rl.micro_batch_size}); --pipeline-model-parallel-size > 1 needs equal micro-batches")
+    return errors
+
+
+def with_runtime_fields(saved: ModelConfig, cli: ModelConfig) -> ModelConfig:
+    """``saved`` (an --init-from checkpoint's architecture) run the way the command line says."""
+    return replace(saved, **{k: getattr(cli, k) for k in RUNTIME_MODEL_FIELDS})
+
+
+def effective_model_config(model_cfg: ModelConfig, rl: RLConfig) -> ModelConfig:
+    """The policy's ModelConfig: --init-from's architecture with this run's runtime fields, else the CLI's.
+    Reads only the checkpoint's run_config.json (a missing or broken checkpoint is a CheckpointError)."""
+    if not rl.init_from or not os.path.isdir(rl.init_from):  # a missing one is reported by validate_rl_run
+        return model_cfg
+    from megatron_rspo import checkpoint  # heavy (Megatron's dist_checkpointing): only when needed
+
+    return with_runtime_fields(checkpoint.read_model_config(checkpoint.resolve_checkpoint_dir(rl.init_from)),
+                               model_cfg)
+
+
+def validate_rl_run(model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfig, run: RunConfig, rl: RLConfig,
+                    world_size: int = 1, cuda: Optional[bool] = None, check_files: bool = True) -> None:
+    """Check a whole RL command line before any process group or model exists; raise one ConfigError that lists
+    every problem. ``model_cfg`` is the policy's (``effective_model_config``); ``cuda``: whether the run is on CUDA
+    (default: torch.cuda.is_available()); ``check_files``: the tokenizer, data and --init-from paths must exist."""
+    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda)
+    errors += optim_errors(opt) + run_errors(run, check_files)
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = world_size // (tp * pp) if tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0 else None
+    errors += rl_errors(rl, par, dp, model_cfg)
+    if check_files:
+        errors += data_file_errors(train_data=rl.train_data, test_data=rl.test_data)
+        if rl.init_from and not os.path.isdir(rl.init_from):
+            errors.append(f"--init-from {rl.init_from}: no such checkpoint directory")
+    raise_errors(errors, "invalid RL configuration")
+
+
+__all__ = ["RLConfig", "ConfigError", "rl_errors", "validate_rl_run", "effective_model_config", "with_runtime_fields",
+           "RUNTIME_MODEL_FIELDS"]

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from megatron_rspo.rl.advantages import group_relative_advantages
+
 
 @dataclass
 class Experience:
@@ -19,10 +21,11 @@ class Experience:
     response_mask: torch.Tensor  # [N, S-1] fp32
     advantages: torch.Tensor  # [N] fp32
     rewards: torch.Tensor  # [N] fp32
-    routing_ids: Optional[torch.Tensor] = None  # [N, S, L, K] int8/int16 (rollout's expert ids)
+    routing_ids: Optional[torch.Tensor] = None  # [N, S, L, K] uint8 (E <= 256) / int16: the rollout's expert ids
     old_logp: Optional[torch.Tensor] = None  # [N, S-1] fp32 under theta_old
     old_log_scores: Optional[torch.Tensor] = None  # [N, S-1, L, K] fp32 router log-scores at the old ids
     ref_logp: Optional[torch.Tensor] = None  # [N, S-1] fp32 under the reference policy (KL)
+    lengths: Optional[torch.Tensor] = None  # [N] int64 prompt+response tokens (inputs at >= length are padding)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -46,12 +49,42 @@ class Experience:
             ref_logp=None if self.ref_logp is None else self.ref_logp[:, : width - 1],
         )
 
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def padding_mask(self) -> Optional[torch.Tensor]:
+        """[N, S-1] bool, True where the training forward's input (``tokens[:, :-1]``) is padding: what
+        Megatron's MoE layers exclude from routing statistics (aux loss, expert bias, load)."""
+        if self.lengths is None:
+            return None
+        pos = torch.arange(self.tokens.shape[1] - 1, device=self.device)
+        return pos.unsqueeze(0) >= self.lengths.unsqueeze(1)
+
+    def chunks(self, rows: int) -> list[Experience]:
+        """Consecutive pieces of at most ``rows`` rows (the last may be smaller)."""
+        if rows < 1:
+            raise ValueError(f"micro-batch rows must be >= 1, got {rows}")
+        return [self.select(slice(i, i + rows)) for i in range(0, len(self), rows)]
+
     def split(self, parts: int) -> list[Experience]:
         n = len(self)
         if n % parts:
             raise ValueError(f"{n} rows do not split into {parts} equal parts")
         size = n // parts
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+
+def build_experience(tokens: torch.Tensor, response_mask: torch.Tensor, lengths: torch.Tensor, rewards: list[float],
+                     num_generations: int, normalize_std: bool,
+                     routing_ids: Optional[torch.Tensor] = None) -> Experience:
+    """A rollout's experience, everything on the rollout's device (the model's): rewards come from the
+    host (task scoring), so they are moved there once, and the advantages are computed there."""
+    device = tokens.device
+    r = torch.tensor(rewards, dtype=torch.float32).to(device, non_blocking=True)
+    adv = group_relative_advantages(r, num_generations, normalize_std=normalize_std)
+    return Experience(tokens=tokens, response_mask=response_mask, advantages=adv, rewards=r,
+                      routing_ids=routing_ids, lengths=lengths.to(device))
 
 
 def minibatches(exp: Experience, num_minibatches: int, generator: torch.Generator) -> list[Experience]:

@@ -115,7 +115,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] 
 def _masked_stats(x: torch.Tensor, m: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     mean = masked_mean(x, m)
     var = masked_mean((x - mean) ** 2, m)
-    mx = torch.where(m, x, torch.full_like(x, -torch.inf)).max() if m.any() else x.new_zeros(())
+    # Sync-free (no ``if m.any()``): 0 when nothing is valid.
+    mx = torch.where(m, x, torch.full_like(x, -torch.inf)).max()
+    mx = torch.where(m.any(), mx, torch.zeros_like(mx))
     return {f"{prefix}_mean": mean, f"{prefix}_std": var.sqrt(), f"{prefix}_max": mx}
 
 

@@ -17,16 +17,19 @@ from megatron_rspo.rl.losses import masked_mean
 
 def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
     """q-quantile of the valid entries, linear interpolation (numpy's default); 0 when none are valid.
-    Sort-based: torch.quantile refuses inputs above 2^24 elements."""
+    Sort-based (torch.quantile refuses inputs above 2^24 elements) and sync-free: invalid entries sort
+    last as +inf, and the interpolation indices are computed on the device from the valid count."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
-    vals = x.detach()[mask.bool()].float().sort().values
-    n = vals.numel()
-    if n == 0:
-        return x.new_zeros((), dtype=torch.float32)
-    pos = q * (n - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+    m = mask.bool().flatten()
+    vals = torch.where(m, x.detach().float().flatten(), torch.full_like(m, torch.inf, dtype=torch.float32))
+    vals = vals.sort().values
+    n = m.sum()
+    pos = (n - 1).clamp_min(0).float() * q
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    v_lo, v_hi = vals.gather(0, lo.reshape(1))[0], vals.gather(0, hi.reshape(1))[0]
+    out = v_lo + (v_hi - v_lo) * (pos - lo.float())
+    return torch.where(n > 0, out, torch.zeros_like(out))
 
 
 @torch.no_grad()
@@ -34,7 +37,8 @@ def gamma_stats(gamma: torch.Tensor, mask: torch.Tensor, floor: float) -> dict[s
     """γ mean/min/p05 over valid tokens, and the fraction of valid tokens held at the floor."""
     m = mask.bool()
     g = gamma.detach().float()
-    gmin = torch.where(m, g, torch.full_like(g, torch.inf)).min() if m.any() else g.new_ones(())
+    gmin = torch.where(m, g, torch.full_like(g, torch.inf)).min()
+    gmin = torch.where(m.any(), gmin, torch.ones_like(gmin))
     # γ = max(exp(-d), floor) equals the floor exactly when clamped; the tolerance covers dtype round trips.
     at_floor = (g <= floor * (1 + 1e-6)) if floor > 0 else torch.zeros_like(m)
     return {
@@ -134,3 +138,43 @@ class CollapseDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._history = {name: deque(map(float, h), maxlen=self.window) for name, h in state["history"].items()}
+
+
+def reduction_of(name: str) -> str:
+    """How a scalar combines over micro-batches and ranks, read off its name: extremes stay extremes
+    (``*_max`` -> max, ``*_min`` -> min), counts add up (``*_sum``, ``*_count``), the rest is a mean."""
+    for suffix, op in (("_max", "max"), ("_min", "min"), ("_sum", "sum"), ("_count", "sum")):
+        if name.endswith(suffix):
+            return op
+    return "mean"
+
+
+class MetricAccumulator:
+    """Per-micro-batch scalar stats (0-d tensors on the model's device) combined without host syncs:
+    ``add`` keeps them; ``result`` reduces each name by ``reduction_of`` (a mean is over the micro-batches
+    that reported the name) and returns 0-d tensors, ready for one cross-rank reduction."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, stats: dict[str, torch.Tensor | float]) -> None:
+        for k, v in stats.items():
+            self._values.setdefault(k, []).append(torch.as_tensor(v).detach().float().reshape(()))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, vs in self._values.items():
+            t = torch.stack([v.to(vs[0].device) for v in vs])
+            op = reduction_of(k)
+            out[k] = {"max": t.max, "min": t.min, "sum": t.sum}.get(op, t.mean)()
+        return out
+
+
+def pooled_mean_std(total: torch.Tensor | float, total_sq: torch.Tensor | float,
+                    count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std of values pooled from per-rank sums (Σx, Σx², n): the std of the whole
+    batch, not a mean of per-rank stds."""
+    total, total_sq, count = (torch.as_tensor(v, dtype=torch.float64) for v in (total, total_sq, count))
+    mean = total / count.clamp_min(1)
+    var = (total_sq - count * mean**2).clamp_min(0) / (count - 1).clamp_min(1)
+    return mean, var.sqrt()

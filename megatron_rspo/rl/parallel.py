@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
+from megatron_rspo import distributed
 from megatron_rspo.model.routing import routers
 from megatron_rspo.rl.experience import Experience
 
@@ -38,24 +39,31 @@ def _dp_group():
 
 
 def all_reduce_dp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over the data-parallel group (a no-op on one rank)."""
-    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, op=op, group=_dp_group())
+    """In-place all-reduce over the data-parallel group (a no-op on one rank), on the backend's device."""
+    if parallel_state.model_parallel_is_initialized():
+        distributed.all_reduce(t, op, _dp_group())
     return t
 
 
-def mean_over_dp(metrics: dict[str, float]) -> dict[str, float]:
+def dp_world_size() -> int:
+    return parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+
+
+def reduce_over_dp(metrics: dict[str, torch.Tensor | float], ops: Optional[dict[str, str]] = None
+                   ) -> dict[str, float]:
+    """Scalar metrics reduced over DP ranks (``ops[name]``: "mean" by default, "sum", "max", "min"); one
+    collective per kind and one host sync. Every rank must pass the same keys."""
+    group = _dp_group() if dp_world_size() > 1 else None
+    return distributed.reduce_scalars(metrics, ops or {}, group)
+
+
+def mean_over_dp(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Average scalar metrics over DP ranks (every rank must pass the same keys)."""
-    if not metrics:
-        return {}
-    keys = sorted(metrics)
-    t = all_reduce_dp(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
-    n = parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    return {k: float(v) / n for k, v in zip(keys, t.tolist())}
+    return reduce_over_dp(metrics)
 
 
 def max_over_dp(value: float) -> float:
-    return float(all_reduce_dp(torch.tensor([float(value)], dtype=torch.float64), dist.ReduceOp.MAX)[0])
+    return reduce_over_dp({"v": value}, {"v": "max"})["v"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -161,15 +169,12 @@ class RoutingLayout:
         """All-gather this rank's sequence slice over the TP group along ``dim`` (no autograd)."""
         if not self.sequence_parallel:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
-        dist.all_gather(parts, x.detach().contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim=dim)
+        return distributed.all_gather(x, self.tp_group, dim=dim)
 
     def sum_tp(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of per-slice counts over the TP group (SP only: without it every TP rank routes all tokens)."""
         if self.sequence_parallel:
-            x = x.detach().clone()
-            dist.all_reduce(x, group=self.tp_group)
+            x = distributed.all_reduce(x.detach().clone(), group=self.tp_group)
         return x
 
     @property
@@ -245,10 +250,7 @@ def localize(exp: Experience, layout: RoutingLayout, dp_rank: int = 0, dp_size: 
 def agreed_forward_length(length: int, multiple: int = 1) -> int:
     """The forward length every rank uses: the max over all ranks (MoE dispatchers gather tokens over EP
     ranks, pipeline stages exchange fixed-shape activations), rounded up to ``multiple`` (SP: TP | length)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([length], dtype=torch.long)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        length = int(t[0])
+    length = distributed.agree_int(length, dist.ReduceOp.MAX)
     return -(-length // multiple) * multiple
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_rspo import distributed
 from megatron_rspo.model.routing import RoutingSession
 from megatron_rspo.rl.parallel import RoutingLayout, StageRouting
 from megatron_rspo.rl.router_shift import expert_set_changed, per_layer_router_shift
@@ -86,7 +87,7 @@ class PipelineRouting:
         """Non-last stage: post a non-blocking send of this micro-batch's part to the last stage."""
         if not self.layout.local_layers:
             return
-        buf = part.pack().contiguous()
+        buf = part.pack().to(distributed.comm_device(self.layout.p2p_group)).contiguous()
         work = dist.isend(buf, dst=self.layout.last_stage_rank, group=self.layout.p2p_group, tag=microbatch)
         self._pending.append((work, buf))  # the buffer must outlive the send
 
@@ -100,9 +101,10 @@ class PipelineRouting:
         for stage, layers in enumerate(self.layout.stage_layers[:-1]):
             if not layers:
                 continue
-            buf = torch.empty(batch * seq * len(layers) * 2 + len(layers) * experts, device=own.shift.device)
+            buf = torch.empty(batch * seq * len(layers) * 2 + len(layers) * experts,
+                              device=distributed.comm_device(self.layout.p2p_group))
             dist.recv(buf, src=self.layout.stage_ranks[stage], group=self.layout.p2p_group, tag=microbatch)
-            parts.append(StageRouting.unpack(buf, batch, seq, len(layers), experts))
+            parts.append(StageRouting.unpack(buf.to(own.shift.device), batch, seq, len(layers), experts))
         return StageRouting.cat(parts + [own])
 
     def finish(self) -> None:

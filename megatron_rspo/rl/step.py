@@ -10,12 +10,19 @@ have a ``finish()`` that the engine calls after the schedule (it waits for those
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_rspo.model.logprobs import forward_logits, token_entropy, token_logprobs
+from megatron_rspo.model.logprobs import (
+    forward_logits,
+    fused_token_logprobs,
+    output_hidden,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from megatron_rspo.model.routing import RoutingSession, routing_session
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalty, masked_mean
@@ -36,6 +43,8 @@ class StepOptions:
     kl_coeff: float = 0.0
     entropy_coeff: float = 0.0
     layout: Optional[RoutingLayout] = None  # None: RoutingLayout.local(model) (one pipeline stage)
+    fused_logprobs: bool = False  # log-probs from hidden states in token chunks; no [tokens, V] logits
+    logprob_chunk_tokens: int = 256
 
 
 def _session(exp: Experience, opts: StepOptions, layout: RoutingLayout, *, score: bool,
@@ -43,15 +52,41 @@ def _session(exp: Experience, opts: StepOptions, layout: RoutingLayout, *, score
     ids = None if exp.routing_ids is None else exp.routing_ids[:, :-1]
     return RoutingSession(
         record=record,
+        record_scores=False,  # the training forward records ids (expert-set change); scores come via score_ids
         score_ids=ids if score else None,
         replay_ids=ids if opts.routing_replay else None,
         seq_slice=layout.seq_slice(exp.tokens.shape[1] - 1),
     )
 
 
-def _policy_logits(model, exp: Experience, session: RoutingSession) -> torch.Tensor:
-    with routing_session(model, session):
-        return forward_logits(model, exp.tokens[:, :-1])
+class PolicyOutput:
+    """A policy forward over ``tokens[:, :-1]`` (pads excluded from routing) and the token log-probs and
+    entropy of its output: from materialised logits (one fp32 working copy), or, with
+    ``--fused-logprobs``, from the final hidden states, chunked over tokens with the output projection
+    recomputed in backward (no [tokens, V] tensor at all)."""
+
+    def __init__(self, opts: StepOptions) -> None:
+        self.opts = opts
+        self.head = None
+
+    def forward(self, model, exp: Experience, session: RoutingSession) -> torch.Tensor:
+        ctx = output_hidden(model) if self.opts.fused_logprobs else contextlib.nullcontext()
+        with routing_session(model, session), ctx as head:
+            out = forward_logits(model, exp.tokens[:, :-1], padding_mask=exp.padding_mask())
+        self.head = head
+        return out
+
+    def logprobs(self, output: torch.Tensor, labels: torch.Tensor, *, entropy: bool = False,
+                 entropy_grad: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        t = self.opts.temperature
+        if self.opts.fused_logprobs:
+            return fused_token_logprobs(output, self.head.weight, labels, t,
+                                        chunk_tokens=self.opts.logprob_chunk_tokens, with_entropy=entropy,
+                                        entropy_grad=entropy_grad,
+                                        sequence_parallel=self.head.sequence_parallel)
+        if entropy:
+            return token_logprobs_and_entropy(output, labels, t, entropy_grad=entropy_grad)
+        return token_logprobs(output, labels, t), None
 
 
 def _num_experts(model) -> int:
@@ -89,14 +124,15 @@ class OldPolicyStep(_Step):
         layout = self._layout(model)
         self.microbatch += 1
         session = _session(exp, self.opts, layout, score=self.need_scores, record=False)
-        logits = _policy_logits(model, exp, session)
+        policy = PolicyOutput(self.opts)
+        logits = policy.forward(model, exp, session)
         scores = None
         if self.need_scores:
             scores = stage_scores(session, layout, exp.tokens.shape[0], exp.tokens.shape[1] - 1, exp.tokens.device)
             self.log_scores.append(scores)
 
         def loss_func(logits: torch.Tensor):
-            out = {"logp": token_logprobs(logits / self.opts.temperature, exp.tokens[:, 1:])}
+            out = {"logp": policy.logprobs(logits, exp.tokens[:, 1:])[0]}
             if scores is not None:
                 out["log_scores"] = scores
             return logits.new_zeros(()), out
@@ -114,7 +150,8 @@ class TrainStep(_Step):
     ``keep_tensors`` keeps per-token ``gamma``/``logp`` and the unscaled ``loss`` of each micro-batch in
     ``self.kept`` (last stage; diagnostics and the cross-layout equivalence tests)."""
 
-    def __init__(self, opts: StepOptions, normalizer: float, loss_scale: float, keep_tensors: bool = False) -> None:
+    def __init__(self, opts: StepOptions, normalizer: float | torch.Tensor, loss_scale: float,
+                 keep_tensors: bool = False) -> None:
         super().__init__(opts)
         self.normalizer, self.loss_scale = normalizer, loss_scale
         self.loss_fn = get_policy_loss(opts.algorithm)
@@ -132,7 +169,8 @@ class TrainStep(_Step):
         score = (rs.enabled or exp.old_log_scores is not None) and exp.routing_ids is not None
         # Without rollout ids (plain baselines) there is nothing to score or compare: route as Megatron does.
         session = _session(exp, opts, layout, score=score, record=exp.routing_ids is not None)
-        logits = _policy_logits(model, exp, session)
+        policy = PolicyOutput(opts)
+        logits = policy.forward(model, exp, session)
         ids = None if exp.routing_ids is None else exp.routing_ids[:, :-1]
         part = stage_routing(session, layout, exp.old_log_scores if score else None, ids, exp.tokens.shape[0],
                              exp.tokens.shape[1] - 1, _num_experts(model), exp.tokens.device)
@@ -141,16 +179,18 @@ class TrainStep(_Step):
             return logits, _not_last_stage
 
         def loss_func(logits: torch.Tensor):
-            return self._loss(logits, exp, self.pipe.collect(part, microbatch), have_shift=score
+            return self._loss(policy, logits, exp, self.pipe.collect(part, microbatch), have_shift=score
                               and exp.old_log_scores is not None, have_ids=ids is not None)
 
         return logits, loss_func
 
-    def _loss(self, logits: torch.Tensor, exp: Experience, routing, have_shift: bool, have_ids: bool):
+    def _loss(self, policy: PolicyOutput, output: torch.Tensor, exp: Experience, routing, have_shift: bool,
+              have_ids: bool):
         opts, rs = self.opts, self.opts.router_shift
-        logits = logits / opts.temperature
         mask = exp.response_mask
-        logp = token_logprobs(logits, exp.tokens[:, 1:])
+        # Entropy is always logged (no grad, chunked); it is differentiated only when it is in the loss.
+        logp, entropy_tok = policy.logprobs(output, exp.tokens[:, 1:], entropy=True,
+                                            entropy_grad=opts.entropy_coeff > 0 and torch.is_grad_enabled())
         gamma, stats = None, {}
         if have_shift and routing.shift.shape[-1]:
             stats.update(router_shift_stats(routing.shift, mask))
@@ -162,8 +202,7 @@ class TrainStep(_Step):
         loss, loss_stats = self.loss_fn(logp, exp.old_logp, exp.advantages, mask, opts.loss, gamma=gamma,
                                         normalizer=self.normalizer)
         stats.update(loss_stats)
-        with torch.set_grad_enabled(opts.entropy_coeff > 0 and torch.is_grad_enabled()):
-            entropy = masked_mean(token_entropy(logits), mask)
+        entropy = masked_mean(entropy_tok, mask)
         stats["entropy"] = entropy.detach()
         if opts.entropy_coeff > 0:
             loss = loss - opts.entropy_coeff * entropy * _share(mask, self.normalizer, opts)
@@ -172,6 +211,7 @@ class TrainStep(_Step):
             stats["kl_ref"] = kl.detach()
             loss = loss + opts.kl_coeff * kl * _share(mask, self.normalizer, opts)
         stats["expert_load"] = routing.load if routing.load.shape[0] else None
+        stats["loss"] = loss.detach()  # the engine skips the step when any micro-batch loss is not finite
         stats = {k: v.detach() for k, v in stats.items() if v is not None}
         if self.keep_tensors:
             self.kept.append({"loss": loss.detach(), "logp": logp.detach(),
@@ -188,19 +228,21 @@ def make_old_policy_step(opts: StepOptions, need_scores: bool) -> OldPolicyStep:
     return OldPolicyStep(opts, need_scores)
 
 
-def make_train_step(opts: StepOptions, normalizer: float, loss_scale: float, keep_tensors: bool = False) -> TrainStep:
+def make_train_step(opts: StepOptions, normalizer: float | torch.Tensor, loss_scale: float,
+                    keep_tensors: bool = False) -> TrainStep:
     """Training micro-batch: current log-probs, gamma from the router shift, the registered loss."""
     return TrainStep(opts, normalizer, loss_scale, keep_tensors)
 
 
-def loss_units(algorithm: str, loss_cfg: PolicyLossConfig, mask: torch.Tensor) -> float:
-    """What the policy loss averages over: valid tokens (grpo token_mean) or valid sequences."""
+def loss_units(algorithm: str, loss_cfg: PolicyLossConfig, mask: torch.Tensor) -> torch.Tensor:
+    """What the policy loss averages over: valid tokens (grpo token_mean) or valid sequences (a 0-d
+    tensor on the mask's device: no host sync)."""
     if algorithm == "grpo" and loss_cfg.loss_agg == "token_mean":
-        return float(mask.sum())
-    return float((mask.sum(-1) > 0).sum())
+        return mask.sum().float()
+    return (mask.sum(-1) > 0).sum().float()
 
 
-def _share(mask: torch.Tensor, normalizer: float, opts: StepOptions) -> float:
+def _share(mask: torch.Tensor, normalizer: float | torch.Tensor, opts: StepOptions) -> torch.Tensor:
     """This micro-batch's share of the mini-batch, in the policy loss's own units, so that the
     token-mean entropy/KL terms of all micro-batches add up to the mini-batch mean too."""
     return loss_units(opts.algorithm, opts.loss, mask) / normalizer

@@ -14,15 +14,14 @@ import argparse
 import contextlib
 import os
 import time
-from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 
-from megatron_rspo import checkpoint
+from megatron_rspo import checkpoint, distributed
+from megatron_rspo.cli import HelpFormatter, run_cli
 from megatron_rspo.config import (
-    ConfigError,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -32,16 +31,21 @@ from megatron_rspo.config import (
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
+from megatron_rspo.errors import RunStopped
 from megatron_rspo.evaluation import decode_responses, evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
-from megatron_rspo.model.logprobs import forward_logits, token_logprobs
-from megatron_rspo.model.provider import build_model, init_distributed, num_moe_layers, shutdown_distributed
+from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
-from megatron_rspo.rl.advantages import group_relative_advantages
-from megatron_rspo.rl.config import RLConfig
-from megatron_rspo.rl.experience import Experience, minibatches
+from megatron_rspo.rl.config import RLConfig, effective_model_config, validate_rl_run
+from megatron_rspo.rl.experience import Experience, build_experience, minibatches
 from megatron_rspo.rl.losses import PolicyLossConfig
-from megatron_rspo.rl.metrics import CollapseDetector, expert_load_stats
+from megatron_rspo.rl.metrics import (
+    CollapseDetector,
+    MetricAccumulator,
+    expert_load_stats,
+    pooled_mean_std,
+    reduction_of,
+)
 from megatron_rspo.rl.parallel import (
     RoutingLayout,
     agreed_forward_length,
@@ -49,7 +53,9 @@ from megatron_rspo.rl.parallel import (
     generation_mode,
     mean_over_dp,
     pad_sequence,
+    reduce_over_dp,
 )
+from megatron_rspo.rl.reference import ReferencePolicy
 from megatron_rspo.rl.router_shift import RouterShiftConfig
 from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
 from megatron_rspo.rollout.generate import SamplingParams, generate
@@ -66,43 +72,37 @@ class RLState:
     iteration: int = 0
     data_position: int = 0
     collapse: dict | None = None
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, whole run
+
+
+class TrainingStopped(RunStopped):
+    """The run cannot go on (too many non-finite steps in a row); the message says why."""
 
 
 class RLTrainer:
     def __init__(self, model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfig, run: RunConfig,
                  rl: RLConfig) -> None:
+        # The policy's architecture is --init-from's (with this run's runtime fields); every problem of the
+        # configuration is reported at once, before any process group or model exists.
+        model_cfg = effective_model_config(model_cfg, rl)
+        validate_rl_run(model_cfg, par, opt, run, rl, distributed.world_size() if distributed.initialized()
+                        else int(os.environ.get("WORLD_SIZE", 1)))
         self.model_cfg, self.par, self.opt, self.run, self.rl = model_cfg, par, opt, run, rl
-        if not run.tokenizer_model:
-            raise SystemExit("--tokenizer-model is required")
         self.tok = load_tokenizer(run.tokenizer_model)
-        if rl.init_from:  # the policy's architecture is the initial checkpoint's, not the CLI defaults
-            saved = checkpoint.read_run_config(checkpoint.resolve_checkpoint_dir(rl.init_from))["ModelConfig"]
-            # ... except how it runs: the token dispatcher and the transformer implementation stay the CLI's
-            self.model_cfg = model_cfg = replace(ModelConfig(**saved),
-                                                 moe_token_dispatcher_type=model_cfg.moe_token_dispatcher_type,
-                                                 transformer_impl=model_cfg.transformer_impl)
-            log.info("model config taken from %s", rl.init_from)
         model_cfg.vocab_size = model_cfg.vocab_size or self.tok.vocab_size
         self.task = get_task(rl.task)
         self.train_set = self.task.load(rl.train_data)
         self.test_set = self.task.load(rl.test_data)[: rl.eval_samples]
-        if par.pipeline_model_parallel_size > 1:
-            raise ConfigError("RL rollouts need --pipeline-model-parallel-size 1 (generation has no pipelined "
-                              "path); the old-policy pass and the training step support it (docs/parallelism.md)")
         init_distributed(par, seed=run.seed)
         setup_console_logging()  # again: only rank 0 logs at INFO, now that ranks are known
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
-        rl.validate(self.dp, par.num_microbatches)
         steps = rl.train_iters * rl.ppo_epochs * rl.num_minibatches
         self.engine = Engine(model_cfg, par, opt, train_iters=steps)
+        self.device = distributed.module_device(self.engine.module)  # everything the loop creates lives here
         self.layout = RoutingLayout.build(self.engine.module)  # collective: every rank, before any schedule
         self.state = RLState()
         self.collapse = CollapseDetector(window=rl.collapse_window, k=rl.collapse_sigmas)
-        self._load()
-        self.ref = self._reference_model() if rl.kl_coeff > 0 else None
-        self.stream = ShuffledStream(len(self.train_set), run.seed, self.dp_rank, self.dp)
-        self.stream.position = self.state.data_position
         self.opts = StepOptions(
             algorithm=rl.rl_algorithm,
             loss=PolicyLossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, loss_agg=rl.loss_agg,
@@ -112,106 +112,136 @@ class RLTrainer:
                                            placement=rl.router_shift_placement),
             routing_replay=rl.routing_replay, temperature=rl.temperature,
             num_moe_layers=num_moe_layers(model_cfg), kl_coeff=rl.kl_coeff, entropy_coeff=rl.entropy_coeff,
-            layout=self.layout,
+            layout=self.layout, fused_logprobs=rl.fused_logprobs, logprob_chunk_tokens=rl.logprob_chunk_tokens,
         )
+        self.ref: ReferencePolicy | None = None
+        self._load()
+        self.stream = ShuffledStream(len(self.train_set), run.seed, self.dp_rank, self.dp)
+        self.stream.position = self.state.data_position
+        self.consecutive_skips = 0
         self.metrics = MetricsLogger(run.tensorboard_dir)
 
     # ------------------------------------------------------------------ set-up
     def _load(self) -> None:
-        """Resume from --load (full state) or start from --init-from (model weights only)."""
-        if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
-            extra = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
-                                               self.engine.scheduler, model_config=self.model_cfg).extra_state
-            self.state = RLState(**{k: extra[k] for k in ("iteration", "data_position", "collapse") if k in extra})
-            if self.state.collapse:
-                self.collapse.load_state_dict(self.state.collapse)
-            log.info("resumed RL from %s at iteration %d", self.run.load, self.state.iteration)
-        elif self.rl.init_from:
+        """Initial weights (--init-from, else the seeded initialisation), then the KL reference as a copy
+        of them, then, when resuming (--load), the run's full state: the reference stays the initial policy."""
+        if self.rl.init_from:
             checkpoint.load_checkpoint(self.rl.init_from, self.engine.module, load_rng=False,
                                        model_config=self.model_cfg)
             log.info("initialised the policy from %s", self.rl.init_from)
+        if self.rl.kl_coeff > 0:
+            self.ref = ReferencePolicy(self.model_cfg, self.par, self.engine.module)
+        if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
+            extra = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
+                                               self.engine.scheduler, model_config=self.model_cfg).extra_state
+            keys = ("iteration", "data_position", "collapse", "skipped_steps")
+            self.state = RLState(**{k: extra[k] for k in keys if k in extra})
+            if self.state.collapse:
+                self.collapse.load_state_dict(self.state.collapse)
+            log.info("resumed RL from %s at iteration %d", self.run.load, self.state.iteration)
 
-    def _reference_model(self) -> torch.nn.Module:
-        ref = build_model(self.model_cfg, self.par)
-        ref.load_state_dict(self.engine.module.state_dict())
-        ref.eval().requires_grad_(False)
-        return ref
+    def micro_rows(self, forward_length: int) -> int:
+        """Rows per micro-batch, the same in the old-policy, reference and training passes:
+        --micro-batch-size, or --micro-batch-tokens // forward length, else a mini-batch / --num-microbatches."""
+        rl = self.rl
+        if rl.micro_batch_size:
+            return rl.micro_batch_size
+        if rl.micro_batch_tokens:
+            return max(1, rl.micro_batch_tokens // max(forward_length, 1))
+        rows = rl.rollout_batch_size // self.dp * rl.num_generations // rl.num_minibatches
+        return max(1, rows // self.par.num_microbatches)
 
     # ------------------------------------------------------------------ one iteration
-    def rollout(self) -> tuple[Experience, dict[str, float]]:
+    def rollout(self) -> tuple[Experience, dict[str, torch.Tensor]]:
         rl = self.rl
         per_rank = rl.rollout_batch_size // self.dp
         insts = [self.train_set[i] for i in self.stream.take(per_rank)]
         prompts = [self.tok.encode(self.task.prompt(x, rl.template, self.tok)) for x in insts]
         rows = [p for p in prompts for _ in range(rl.num_generations)]
-        gen = torch.Generator().manual_seed(self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank)
-        # TP ranks of a DP rank draw the same prompts and seed, and see the same gathered logits: same samples.
+        # The sampling RNG lives on the model's device (no [N, V] host draws per step), seeded per iteration
+        # and DP rank; TP ranks of a DP rank share the seed and see the same gathered logits: same samples.
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank)
         with generation_mode(self.engine.module) as group:
             ro = generate(self.engine.module, rows,
                           SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p),
-                          eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, record_routing=True, generator=gen,
-                          sync_group=group)
-        texts = decode_responses(self.tok, ro.tokens, ro.prompt_lens, ro.response_lens)
+                          eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, record_routing=True,
+                          record_scores=not rl.recompute_old_logprobs, generator=gen, sync_group=group,
+                          max_batch_rows=rl.generation_batch_size)
+        texts = decode_responses(self.tok, ro.tokens, ro.prompt_lens, ro.response_lens)  # one host copy
         group_insts = [x for x in insts for _ in range(rl.num_generations)]
-        rewards = torch.tensor([self.task.score(t, x, rl.template)
-                                for t, x in zip(texts, group_insts)], dtype=torch.float32)
-        adv = group_relative_advantages(rewards, rl.num_generations, normalize_std=rl.normalize_advantage_std)
-        exp = Experience(tokens=ro.tokens, response_mask=ro.response_mask, advantages=adv, rewards=rewards,
-                         routing_ids=ro.routing_ids)
+        rewards = [self.task.score(t, x, rl.template) for t, x in zip(texts, group_insts)]
+        exp = build_experience(ro.tokens, ro.response_mask, ro.total_lens, rewards, rl.num_generations,
+                               rl.normalize_advantage_std, routing_ids=ro.routing_ids)
         if not rl.recompute_old_logprobs:
             exp.old_logp = ro.logprobs
             exp.old_log_scores = ro.routing_log_scores[:, :-1]
-        stats = {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
-                 "reward/accuracy": (rewards >= self.task.full_score).float().mean(),
+        r = exp.rewards.double()
+        stats = {"reward/_sum": r.sum(), "reward/_sq_sum": (r * r).sum(), "reward/_count": r.new_tensor(len(r)),
+                 "reward/accuracy": (r >= self.task.full_score).float().mean(),
                  "response/length_mean": ro.response_lens.float().mean(),
                  "response/eos_frac": ro.finished.float().mean() if ro.finished is not None else 1.0}
         exp = exp.trimmed()
         length = agreed_forward_length(exp.tokens.shape[1] - 1, self.layout.seq_multiple)
-        return pad_sequence(exp, length, self.tok.pad_id), {k: float(v) for k, v in stats.items()}
+        return pad_sequence(exp, length, self.tok.pad_id), stats
 
     def old_policy_pass(self, exp: Experience) -> Experience:
-        """Fill log pi_old and the old router log-scores (theta_old = the weights before any update)."""
-        mbs = exp.split(self.par.num_microbatches)
+        """Fill log pi_old and the old router log-scores (theta_old = the weights before any update), and
+        log pi_ref for the KL term; every pass uses the training micro-batch rows."""
         seq = exp.tokens.shape[1] - 1
+        rows = self.micro_rows(seq)
         if self.rl.recompute_old_logprobs:
+            mbs = exp.chunks(rows)
             step = make_old_policy_step(self.opts, need_scores=True)
-            outs = self.engine.forward_only(step, mbs, seq, len(mbs[0]))
+            outs = self.engine.forward_only(step, mbs, seq, rows)
             exp.old_logp = torch.cat([o["logp"] for o in outs]) if outs else None  # last pipeline stage only
             exp.old_log_scores = torch.cat(step.log_scores)  # this stage's MoE layers
         if self.ref is not None:
-            with torch.no_grad():
-                exp.ref_logp = token_logprobs(forward_logits(self.ref, exp.tokens[:, :-1]) / self.rl.temperature,
-                                              exp.tokens[:, 1:])
+            exp.ref_logp = self.ref.logprobs(exp, rows, self.opts)
         return exp
 
-    def update(self, exp: Experience) -> dict[str, float]:
-        rl, sums, counts = self.rl, defaultdict(float), defaultdict(int)
-        load = None
-        gen = torch.Generator().manual_seed(self.run.seed * 7919 + self.state.iteration)
+    def update(self, exp: Experience) -> dict[str, torch.Tensor]:
+        rl = self.rl
+        acc, load = MetricAccumulator(), None
+        gen = torch.Generator().manual_seed(self.run.seed * 7919 + self.state.iteration)  # host: a permutation
+        seq = exp.tokens.shape[1] - 1
+        rows = self.micro_rows(seq)
         for _ in range(rl.ppo_epochs):
             for mb in minibatches(exp, rl.num_minibatches, gen):
-                micro = mb.split(self.par.num_microbatches)
-                units = torch.tensor(sum(loss_units(self.opts.algorithm, self.opts.loss, m.response_mask)
-                                         for m in micro))
-                normalizer = max(float(all_reduce_dp(units)), 1.0)
-                step = make_train_step(self.opts, normalizer, self.engine.loss_scale)
+                micro = mb.chunks(rows)
+                units = torch.stack([loss_units(self.opts.algorithm, self.opts.loss, m.response_mask) for m in micro])
+                normalizer = all_reduce_dp(units.sum().reshape(1))[0].clamp_min(1.0)  # stays on the device
+                step = make_train_step(self.opts, normalizer, self.engine.loss_scale_for(len(micro)))
                 with frozen_router(self.engine.module) if rl.freeze_router else contextlib.nullcontext():
-                    res = self.engine.train_step(step, micro, mb.tokens.shape[1] - 1, len(micro[0]))
+                    res = self.engine.train_step(step, micro, seq, rows)
+                self._count_skip(res.skipped)
                 for m in res.metrics:
                     el = m.pop("expert_load", None)
                     if el is not None:
                         load = el.clone() if load is None else load + el
-                    for k, v in m.items():
-                        sums[f"policy/{k}" if "/" not in k else k] += float(v)
-                        counts[f"policy/{k}" if "/" not in k else k] += 1
-                sums["optim/grad_norm"] += res.grad_norm
-                counts["optim/grad_norm"] += 1
-                sums["optim/lr"], counts["optim/lr"] = res.lr, 1
-        out = {k: sums[k] / counts[k] for k in sums}
-        out = _rename_router_stats(out)
+                    acc.add({f"policy/{k}" if "/" not in k else k: v for k, v in m.items()})
+                if not res.skipped:
+                    acc.add({"optim/grad_norm": res.grad_norm, "optim/grad_norm_max": res.grad_norm})
+                acc.add({"optim/lr": res.lr})
+        out = _rename_router_stats(acc.result())
+        out["optim/skipped_steps_max"] = torch.tensor(float(self.state.skipped_steps))
         if load is not None:
-            out.update({k: float(v) for k, v in expert_load_stats(all_reduce_dp(load)).items()})
+            out.update(expert_load_stats(all_reduce_dp(load)))
         return out
+
+    def _count_skip(self, skipped: bool) -> None:
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.state.skipped_steps += 1
+        self.consecutive_skips += 1
+        log.warning("iteration %d: non-finite loss or gradient, optimizer step skipped (%d in a row, %d in this run)",
+                    self.state.iteration + 1, self.consecutive_skips, self.state.skipped_steps)
+        if self.consecutive_skips >= self.rl.max_consecutive_skipped_steps:
+            raise TrainingStopped(
+                f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                f"(--max-consecutive-skipped-steps {self.rl.max_consecutive_skipped_steps}); stopping. The weights "
+                "are those of the last finite step: lower --lr, check the data, or resume from a checkpoint.")
 
     def evaluate(self) -> dict[str, float]:
         with generation_mode(self.engine.module) as group:
@@ -237,7 +267,7 @@ class RLTrainer:
             t2 = time.time()
             self.state.iteration += 1
             it = self.state.iteration
-            stats = mean_over_dp({**roll_stats, **train_stats})
+            stats = _iteration_stats({**roll_stats, **train_stats})
             stats.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/iteration_s": t2 - t0})
             warn = self._collapse_check(stats)
             stats["collapse/warning"] = float(warn)
@@ -263,14 +293,24 @@ class RLTrainer:
 
     def save(self) -> None:
         extra = {"iteration": self.state.iteration, "data_position": self.stream.position,
-                 "collapse": self.collapse.state_dict()}
+                 "collapse": self.collapse.state_dict(), "skipped_steps": self.state.skipped_steps}
         checkpoint.save_checkpoint(self.run.save, self.state.iteration, self.engine.module, self.engine.optimizer,
                                    self.engine.scheduler, extra_state=extra,
                                    configs=(self.model_cfg, self.par, self.opt, self.run, self.rl),
                                    keep_last=self.run.keep_last)
 
 
-def _rename_router_stats(stats: dict[str, float]) -> dict[str, float]:
+def _iteration_stats(local: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """One reduction over DP ranks (extremes as extremes, counts as sums, the rest as means) and one host
+    sync; the reward std is that of the whole batch, pooled from every rank's sums."""
+    out = reduce_over_dp(local, {k: reduction_of(k) for k in local})
+    mean, std = pooled_mean_std(out.pop("reward/_sum"), out.pop("reward/_sq_sum"), out.pop("reward/_count"))
+    out["reward/mean"], out["reward/std"] = float(mean), float(std)
+    out["optim/skipped_steps"] = out.pop("optim/skipped_steps_max", 0.0)
+    return out
+
+
+def _rename_router_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Loss/step stats come back as ``policy/<name>``; router diagnostics live under ``router/``."""
     out = {}
     for k, v in stats.items():
@@ -285,7 +325,7 @@ def _rename_router_stats(stats: dict[str, float]) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for cls in CONFIG_CLASSES:
         add_dataclass_args(parser, cls)
     return parser
@@ -293,12 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ns = build_parser().parse_args(argv)
-    cfgs = [from_args(c, ns) for c in CONFIG_CLASSES]
+    model_cfg, par, opt, run, rl = (from_args(c, ns) for c in CONFIG_CLASSES)
+    # Every problem of the command line at once, before any process group or model exists.
+    validate_rl_run(effective_model_config(model_cfg, rl), par, opt, run, rl, int(os.environ.get("WORLD_SIZE", 1)))
     setup_console_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return RLTrainer(*cfgs).train()
+    return RLTrainer(model_cfg, par, opt, run, rl).train()
+
+
+def cli() -> None:
+    """The ``rspo-rl`` console script and ``python -m megatron_rspo.rl.trainer``."""
+    run_cli(main, after=shutdown_distributed)
 
 
 if __name__ == "__main__":
-    main()
-    shutdown_distributed()
+    cli()

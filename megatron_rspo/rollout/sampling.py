@@ -1,9 +1,12 @@
 """Token sampling from next-token logits: temperature, top-k, top-p (nucleus), greedy.
 
-Pure tensor functions over ``[B, V]`` logits. Sampling uses the exponential-race form of a
-categorical draw (``argmax(p / q)``, ``q ~ Exp(1)``): one random number per vocabulary entry, drawn
-from the caller's ``torch.Generator``, so a seeded generator reproduces a rollout exactly and the
-stream consumed per step does not depend on the probabilities.
+Pure tensor functions over ``[B, V]`` logits, on the logits' device. A draw is an inverse-CDF draw:
+the first token whose cumulative probability (float64, normalised so the last entry is exactly 1)
+exceeds ``u ~ U[0, 1)``. One uniform per row and step, whatever V is, so the caller can hand in its own
+(``generate`` keys them by row and position, which makes a rollout independent of how its rows are
+batched), and the stream consumed per step does not depend on the probabilities. Without given
+uniforms they are drawn from the caller's ``torch.Generator``, which must live on the logits' device:
+nothing of size [B, V] ever crosses devices.
 """
 
 from __future__ import annotations
@@ -63,14 +66,51 @@ def truncate_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) ->
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next tokens [B] (int64) from logits [B, V] under ``params``."""
+def check_generator_device(generator: Optional[torch.Generator], device: torch.device) -> None:
+    """A sampling generator must live where the logits do (a CPU generator would mean host draws and copies)."""
+    if generator is not None and not _same_device(generator.device, device):
+        raise ValueError(
+            f"the sampling generator is on {generator.device} but the logits are on {device}; "
+            f"create it with torch.Generator(device={str(device)!r}).manual_seed(seed)"
+        )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    def index(d: torch.device) -> Optional[int]:
+        if d.type == "cuda" and d.index is None:
+            return torch.cuda.current_device()
+        return d.index
+
+    return a.type == b.type and index(a) == index(b)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: Optional[torch.Generator] = None,
+    uniforms: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Next tokens [B] (int64) from logits [B, V] under ``params``.
+
+    ``uniforms`` [B] float64 in [0, 1): the random numbers of this step (else drawn from ``generator``, on
+    the logits' device; None: that device's default generator). Greedy ignores both.
+    """
     logits = logits.float()
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = truncate_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    # Draw on the generator's device (a CPU generator may drive a GPU rollout), then move.
-    draw_device = generator.device if generator is not None else probs.device
-    race = torch.empty(probs.shape, device=draw_device).exponential_(1.0, generator=generator).to(probs.device)
-    return (probs / race).argmax(dim=-1)
+    if uniforms is None:
+        check_generator_device(generator, logits.device)
+        uniforms = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
+    elif uniforms.device != logits.device:
+        raise ValueError(f"uniforms are on {uniforms.device} but the logits are on {logits.device}")
+    scaled = truncate_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    del scaled  # [B, V] buffers are freed as soon as possible: at most one fp32 and one float64 live
+    # float64 sum: an fp32 running sum over ~150k entries drifts by ~1e-5, the mass of a whole tail token.
+    cdf = probs.double()
+    del probs
+    cdf.cumsum_(dim=-1)
+    cdf.div_(cdf[:, -1:].clone())  # last entry exactly 1 > u, so the search never runs off the end
+    # First entry > u: its cdf step is > 0, so a truncated (probability 0) token is never drawn.
+    u = uniforms.to(torch.float64).reshape(-1, 1).clamp(max=1.0 - 2**-53)  # a u rounded up to 1 stays < 1
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)

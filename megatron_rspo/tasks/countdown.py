@@ -20,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from megatron_rspo.tasks.countdown_solver import range_table, render, solve  # noqa: F401 (solve is part of this API)
+from megatron_rspo.tasks.data import DataError
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 MAX_EQUATION_CHARS = 200
@@ -144,7 +145,7 @@ def _check_row(row: object, verify: bool) -> CountdownInstance:
 
 
 def load_jsonl(path: str | Path, verify: bool = True) -> list[CountdownInstance]:
-    """Load instances; a malformed row raises ValueError('<file>:<line>: <what is wrong>').
+    """Load instances; a malformed row raises DataError('<file>:<line>: <what is wrong>'), a ValueError.
     ``verify`` also checks that every reference solution is correct."""
     out = []
     with open(path, encoding="utf-8") as f:
@@ -154,7 +155,9 @@ def load_jsonl(path: str | Path, verify: bool = True) -> list[CountdownInstance]
             try:
                 out.append(_check_row(json.loads(line), verify))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{lineno}: {e}") from None
+                raise DataError(path, lineno, str(e)) from None
+    if not out:
+        raise DataError(path, None, "no rows (the file is empty)")
     return out
 
 

@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from megatron_rspo.errors import UserError
+
 FieldSpec = Union[Mapping[str, str], Sequence[str]]
 TypeSpec = Union[type, tuple[type, ...]]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed dataset row: ``<file>:<line>: <problem>`` (``row N`` for parquet)."""
 
     def __init__(self, path: str | Path, where: int | None, problem: str, unit: str = "line"):

@@ -1,0 +1,70 @@
+"""What every entry point shares: the ``--help`` formatter and ``run_cli``, which turns a user's mistake
+into one clear message and exit code 2.
+
+A ``UserError`` (a bad flag combination, a malformed data row, a broken checkpoint or tokenizer) and a
+missing or unreadable file end the program with ``error: <message>`` on stderr and exit status 2, without
+a traceback; any other exception is a bug and keeps its traceback. Under torchrun every rank exits 2;
+rank 0 prints, other ranks only once the process group exists (an error then may be theirs alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, Optional
+
+from megatron_rspo.errors import RunStopped, UserError
+
+# File-system errors that are the user's (a path flag), not the program's.
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, every flag with its default."""
+
+
+def user_error_message(exc: BaseException) -> Optional[str]:
+    """The one-line-per-problem message for a user error; None for anything else (a bug)."""
+    if isinstance(exc, (UserError, RunStopped)):
+        return str(exc)
+    if isinstance(exc, _FILE_ERRORS):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else str(exc)
+    return None
+
+
+def _process_group_exists() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def run_cli(main: Callable[[Optional[list[str]]], Any], argv: Optional[list[str]] = None,
+            after: Optional[Callable[[], None]] = None) -> NoReturn:
+    """Run ``main(argv)``, then ``after()`` (e.g. ``shutdown_distributed``), and exit: with ``main``'s return
+    value when it is an int, else 0; with 2 and one ``error:`` message on a user error (1 for a run that
+    stopped itself, ``RunStopped``)."""
+    try:
+        rc = main(argv)
+        if after is not None:
+            after()
+    except Exception as exc:  # anything that is not a user error is re-raised below
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        group = _process_group_exists()
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or group:
+            prefix = f"[rank {rank}] " if group and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"{prefix}error: {message}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = getattr(exc, "exit_code", 2)
+        if group:
+            # Interpreter teardown with live gloo/NCCL groups can abort (exit 134) or wait on peers that are gone.
+            os._exit(code)
+        sys.exit(code)
+    sys.exit(rc if isinstance(rc, int) and not isinstance(rc, bool) else 0)
+
+
+__all__ = ["HelpFormatter", "run_cli", "user_error_message"]
