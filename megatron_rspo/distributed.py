@@ -7,15 +7,17 @@
   and every collective here moves its tensor there and back, so a caller never thinks about it.
 
 Every collective of the training loop goes through this module or through ``rl/parallel.py`` and
-``rl/routing_exchange.py`` (RL's routing plumbing, built on these); ``checkpoint.py`` and ``convert/``
-use their own object collectives. ``tests/test_device_discipline.py`` checks that no other module calls
-``torch.distributed`` collectives directly. Reductions take and return tensors: a caller that needs a
-Python number syncs once, where it logs.
+``rl/routing_exchange.py`` (RL's routing plumbing, built on these); ``checkpoint.py`` and the offline
+``convert/`` tools use their own object collectives. ``tests/test_device_discipline.py`` checks that no
+other module calls ``torch.distributed`` collectives directly. Reductions take and return tensors: a
+caller that needs a Python number syncs once, where it logs.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Optional
 
@@ -57,6 +59,11 @@ def world_size(group: Optional[dist.ProcessGroup] = None) -> int:
     return dist.get_world_size(group) if initialized() else 1
 
 
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    return dist.get_rank() if initialized() else 0
+
+
 def _on_comm(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     dev = comm_device(group)
     return t if t.device == dev else t.to(dev)
@@ -92,6 +99,89 @@ def all_gather_object(obj: object, group: Optional[dist.ProcessGroup] = None) ->
     if len(out) == 1:
         return [obj]
     dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+_ALIGN = 64  # every tensor's bytes start aligned, so a byte slice can be viewed as any dtype
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class _TensorPickler(pickle.Pickler):
+    """Pickles an object with its tensors left out (``persistent_id``): they travel as raw bytes, at the
+    offsets (after the skeleton) recorded in their ids."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[tuple[int, torch.Tensor]] = []
+        self.nbytes = 0
+
+    def persistent_id(self, obj: object) -> Optional[tuple]:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        self.tensors.append((self.nbytes, obj))
+        pid = (self.nbytes, obj.dtype, tuple(obj.shape))
+        self.nbytes += _aligned(obj.numel() * obj.element_size())
+        return pid
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def __init__(self, skeleton: memoryview, payload: torch.Tensor) -> None:
+        super().__init__(io.BytesIO(skeleton))
+        self.payload = payload
+
+    def persistent_load(self, pid: tuple) -> torch.Tensor:
+        off, dtype, shape = pid
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return self.payload[off: off + size].view(dtype).view(shape)
+
+
+def gather_object(obj: object, dst: int = 0, group: Optional[dist.ProcessGroup] = None) -> Optional[list]:
+    """Every rank's ``obj`` (in group order) on global rank ``dst``, None elsewhere; collective over ``group``.
+
+    Tensors inside ``obj`` (on any device) are not pickled: each rank copies their bytes straight into one
+    send buffer on the backend's device (pinned host memory when gloo ships CUDA tensors, then one host
+    sync), and ``dst`` gets them as CPU tensors viewing its receive buffers; ``dst``'s own ``obj`` comes
+    back as is, uncopied. Two collectives: an all-gather of the sizes, a gather of the buffers (padded to
+    the largest), so ``dst`` ends up holding the other ranks' tensors once, plus padding (gloo's gather
+    stages them once more while receiving; NCCL receives on the GPU, then copies to the host)."""
+    n = world_size(group)
+    if n == 1:
+        return [obj]
+    me, dev = dist.get_rank(), comm_device(group)
+    skeleton, pickler = io.BytesIO(), None
+    if me != dst:
+        pickler = _TensorPickler(skeleton)
+        pickler.dump(obj)
+    skel = skeleton.tell()
+    header = torch.tensor([[skel, _aligned(skel) + (pickler.nbytes if pickler else 0)]], dtype=torch.long)
+    lengths = all_gather(header, group).tolist()  # [skeleton bytes, buffer bytes] per rank
+    longest = max(length for _, length in lengths)
+    if pickler is not None:
+        pin = dev.type == "cpu" and any(t.is_cuda for _, t in pickler.tensors)
+        buf = torch.empty(longest, dtype=torch.uint8, device=dev, pin_memory=pin)
+        buf[:skel].copy_(torch.frombuffer(skeleton.getbuffer(), dtype=torch.uint8))
+        payload = buf[_aligned(skel):]
+        with torch.no_grad():
+            for off, t in pickler.tensors:  # a view of the buffer in t's dtype and shape (copy_ handles strides)
+                size = t.numel() * t.element_size()
+                payload[off: off + size].view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
+        if pin:  # gloo reads host memory on its own threads: the async device->host copies must be done
+            torch.cuda.current_stream().synchronize()
+        dist.gather(buf, None, dst=dst, group=group)
+        return None
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    recv = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in ranks]
+    dist.gather(recv[ranks.index(dst)], recv, dst=dst, group=group)
+    out: list = []
+    for r, b, (skel, _) in zip(ranks, recv, lengths):
+        if r == dst:
+            out.append(obj)
+            continue
+        b = b.cpu()
+        out.append(_TensorUnpickler(memoryview(b[:skel].numpy()), b[_aligned(skel):]).load())
     return out
 
 
@@ -135,3 +225,13 @@ def reduce_scalars(values: dict[str, torch.Tensor | float], ops: dict[str, str],
 def stack_on(device: torch.device, values: Sequence[torch.Tensor | float]) -> torch.Tensor:
     """Scalars (tensors on any device, or floats) as one fp64 vector on ``device`` (no host sync)."""
     return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+
+
+def scatter_object(objs: Optional[list], src: int = 0, group: Optional[dist.ProcessGroup] = None) -> object:
+    """Rank ``src`` hands ``objs[i]`` to the i-th rank of ``group`` (pickled: small host objects such as
+    token lists); every rank returns its own."""
+    if world_size(group) == 1:
+        return objs[0]
+    out: list = [None]
+    dist.scatter_object_list(out, objs if dist.get_rank() == src else None, src=src, group=group)
+    return out[0]

@@ -94,10 +94,10 @@ def test_every_pass_uses_the_training_micro_batch(countdown_data, tmp_path, monk
     most --generation-batch-size rows at once."""
     from megatron_rspo.model import logprobs
     from megatron_rspo.rl import step
-    from megatron_rspo.rollout import generate as gen_mod
+    from megatron_rspo.rollout import engine as engine_mod
 
     forwards, generated = [], []
-    real_forward, real_generate = logprobs.forward_logits, gen_mod.generate
+    real_forward, real_generate = logprobs.forward_logits, engine_mod.generate
 
     def counting_forward(model, tokens, **kw):
         forwards.append(tuple(tokens.shape))
@@ -108,7 +108,7 @@ def test_every_pass_uses_the_training_micro_batch(countdown_data, tmp_path, monk
         return real_generate(model, prompts, *a, **kw)
 
     monkeypatch.setattr(step, "forward_logits", counting_forward)
-    monkeypatch.setattr(trainer, "generate", counting_generate)
+    monkeypatch.setattr(engine_mod, "generate", counting_generate)
     trainer.main(_args(countdown_data, tmp_path, "--kl-coeff", "0.1", "--num-minibatches", "2", "--train-iters", "1",
                        "--generation-batch-size", "4", *sizing))
     assert generated == [4]
@@ -132,3 +132,11 @@ def test_fused_logprobs_train_like_the_standard_path(countdown_data, tmp_path):
     fused = trainer.main(_args(countdown_data, tmp_path, *extra, "--fused-logprobs", "--logprob-chunk-tokens", "7"))
     for k in ("policy/entropy", "policy/kl_ref", "policy/ppo_kl", "optim/grad_norm", "policy/is_ratio_max"):
         assert fused[k] == pytest.approx(std[k], rel=1e-4, abs=1e-6), k
+
+
+def test_builtin_engine_has_exactly_zero_mismatch(countdown_data, tmp_path):
+    """The built-in engine samples with the training model itself: π_rollout is π_old by construction."""
+    last = trainer.main(_args(countdown_data, tmp_path, "--train-iters", "1", "--num-minibatches", "2"))
+    names = ("mismatch/k3_kl", "mismatch/abs_logp_diff_mean", "mismatch/abs_logp_diff_max",
+             "mismatch/ratio_out_of_band_frac")
+    assert [last[n] for n in names] == [0.0] * 4

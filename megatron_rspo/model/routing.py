@@ -108,7 +108,12 @@ class _TopKPicker:
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         if self.fixed_ids is not None:
-            self.ids = self.fixed_ids.to(scores.device)
+            fixed = self.fixed_ids.to(scores.device)
+            # An engine's -1 marks a slot it did not record (R3: prefix-cached positions): that token is routed
+            # live, by the router's own top-K.
+            missing = (fixed < 0).any(dim=-1, keepdim=True)
+            _, live = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+            self.ids = torch.where(missing, live, fixed)
             return scores.gather(1, self.ids), self.ids
         values, self.ids = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         return values, self.ids

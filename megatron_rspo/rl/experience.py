@@ -26,6 +26,8 @@ class Experience:
     old_log_scores: Optional[torch.Tensor] = None  # [N, S-1, L, K] fp32 router log-scores at the old ids
     ref_logp: Optional[torch.Tensor] = None  # [N, S-1] fp32 under the reference policy (KL)
     lengths: Optional[torch.Tensor] = None  # [N] int64 prompt+response tokens (inputs at >= length are padding)
+    rollout_logp: Optional[torch.Tensor] = None  # [N, S-1] fp32 the engine's log-probs (behaviour policy)
+    correction_weight: Optional[torch.Tensor] = None  # [N, S-1] a mismatch correction's weight (rl/corrections.py)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -47,6 +49,8 @@ class Experience:
             old_logp=None if self.old_logp is None else self.old_logp[:, : width - 1],
             old_log_scores=None if self.old_log_scores is None else self.old_log_scores[:, : width - 1],
             ref_logp=None if self.ref_logp is None else self.ref_logp[:, : width - 1],
+            rollout_logp=None if self.rollout_logp is None else self.rollout_logp[:, : width - 1],
+            correction_weight=None if self.correction_weight is None else self.correction_weight[:, : width - 1],
         )
 
     @property

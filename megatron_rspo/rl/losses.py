@@ -2,7 +2,7 @@
 
 Every loss has the same signature (compare them side by side)::
 
-    fn(logp, old_logp, advantages, mask, cfg, gamma=None, normalizer=None) -> (loss, stats)
+    fn(logp, old_logp, advantages, mask, cfg, gamma=None, normalizer=None, token_weight=None) -> (loss, stats)
 
 logp [N, T] current token log-probs (requires grad); old_logp [N, T] θ_old log-probs (no grad);
 advantages [N] one per response; mask [N, T] 1 = real response token (right padded);
@@ -10,6 +10,8 @@ gamma [N, T] router-shift ratio γ (stop-gradient, see router_shift.py), None = 
 normalizer: the denominator of the mean (valid tokens for grpo "token_mean", valid sequences
 otherwise) over the WHOLE optimizer mini-batch, so that micro-batch losses sum to the mini-batch mean;
 None = this batch's own count. Fully padded rows contribute nothing and are not counted.
+token_weight [N, T]: a train-inference mismatch correction's stop-gradient weight (rl/corrections.py),
+None = no correction.
 
 Router shift (RS) is a plug-in for every algorithm: with placement "pre_clip" (the published form)
 the token ratio is rescaled before clipping, w̃ = γ·w, i.e. log w̃ = log γ + log w. "post_clip" (the
@@ -170,6 +172,13 @@ def _common_stats(
     return stats
 
 
+def _weighted(x: torch.Tensor, token_weight: torch.Tensor | None) -> torch.Tensor:
+    """A rollout correction's per-token weight (stop-gradient; rl/corrections.py): it multiplies each token's
+    clipped surrogate (grpo), or each token's term inside the mean of log-ratios (gspo, gmpo/rspo), so a
+    token with weight 0 (IcePop) contributes nothing and TIS scales a token's share of the gradient."""
+    return x if token_weight is None else x * token_weight.detach().to(x.dtype)
+
+
 def _use_rs(cfg: PolicyLossConfig, log_g: torch.Tensor | None, placement: str) -> bool:
     return log_g is not None and cfg.router_shift_placement == placement
 
@@ -186,6 +195,7 @@ def grpo_loss(
     cfg: PolicyLossConfig,
     gamma: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level PPO clip: −min(w̃A, clip(w̃, 1−ε_low, 1+ε_high)A), w̃ = γ·w (pre_clip);
     post_clip: −γ·min(wA, clip(w)A). Aggregated by ``cfg.loss_agg``."""
@@ -199,6 +209,7 @@ def grpo_loss(
     obj = torch.minimum(ratio * a, ratio.clamp(1 - low, 1 + high) * a)
     if _use_rs(cfg, log_g, "post_clip"):
         obj = obj * log_g.exp()
+    obj = _weighted(obj, token_weight)
     obj = torch.where(m, obj, torch.zeros_like(obj))
     if cfg.loss_agg == "token_mean":
         denom = m.sum().clamp_min(1) if normalizer is None else normalizer
@@ -221,6 +232,7 @@ def gspo_loss(
     cfg: PolicyLossConfig,
     gamma: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sequence-level clip: s_i = exp(mean_t log w̃), loss = −mean_i min(s_i A_i, clip(s_i) A_i).
 
@@ -237,7 +249,7 @@ def gspo_loss(
     rows = n_tok > 0
     denom_tok = n_tok.clamp_min(1)
     log_ratio = log_w + log_g if _use_rs(cfg, log_g, "pre_clip") else log_w
-    seq_ratio = (log_ratio.sum(-1) / denom_tok).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+    seq_ratio = (_weighted(log_ratio, token_weight).sum(-1) / denom_tok).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
     obj = torch.minimum(seq_ratio * adv, seq_ratio.clamp(1 - low, 1 + high) * adv)
     if _use_rs(cfg, log_g, "post_clip"):
         obj = obj * (log_g.sum(-1) / denom_tok).exp()
@@ -258,6 +270,7 @@ def _gmpo(
     cfg: PolicyLossConfig,
     gamma: torch.Tensor | None,
     normalizer: float | torch.Tensor | None,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     low, high = cfg.clip_range(algorithm)
     m, log_w, adv, log_g = _prepare(logp, old_logp, advantages, mask, gamma)
@@ -272,7 +285,7 @@ def _gmpo(
     if _use_rs(cfg, log_g, "post_clip"):
         # sgn(A)·ρ^clip is the log of the token's clipped ratio; adding log γ multiplies that ratio by γ.
         rho_clip = rho_clip + sgn * log_g
-    rho_clip = torch.where(m, rho_clip, torch.zeros_like(rho_clip))
+    rho_clip = torch.where(m, _weighted(rho_clip, token_weight), torch.zeros_like(rho_clip))
     exponent = sgn[:, 0] * rho_clip.sum(-1) / n_tok.clamp_min(1)
     seq_obj = exponent.clamp(max=_MAX_LOG_RATIO).exp() * adv  # S_i · A_i
     seq_obj = torch.where(rows, seq_obj, torch.zeros_like(seq_obj))
@@ -293,10 +306,11 @@ def gmpo_loss(
     cfg: PolicyLossConfig,
     gamma: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GMPO (DESIGN §2): ρ = sgn(A)·log w̃, token clip in log space, S_i = exp(sgn(A)·mean_t ρ^clip),
     loss = −(1/N) Σ_i S_i A_i. post_clip: each token's clipped ratio is multiplied by γ."""
-    return _gmpo("gmpo", logp, old_logp, advantages, mask, cfg, gamma, normalizer)
+    return _gmpo("gmpo", logp, old_logp, advantages, mask, cfg, gamma, normalizer, token_weight)
 
 
 @register_policy_loss("rspo")
@@ -308,11 +322,12 @@ def rspo_loss(
     cfg: PolicyLossConfig,
     gamma: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RSPO = GMPO + router shift; γ is required."""
     if gamma is None:
         raise ValueError("rspo needs the router-shift ratio gamma (enable router shift, or use 'gmpo')")
-    return _gmpo("rspo", logp, old_logp, advantages, mask, cfg, gamma, normalizer)
+    return _gmpo("rspo", logp, old_logp, advantages, mask, cfg, gamma, normalizer, token_weight)
 
 
 # ----------------------------------------------------------------------------- optional terms

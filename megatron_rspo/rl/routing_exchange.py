@@ -49,6 +49,18 @@ def stage_scores(session: RoutingSession, layout: RoutingLayout, batch: int, seq
 
 
 @torch.no_grad()
+def stage_records(session: RoutingSession, layout: RoutingLayout, batch: int, seq: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert ids this stage's routers used and their log-scores, [B, S, L_stage, K] each, gathered over
+    the TP group (the old-policy pass of a rollout that came without routing records, e.g. from vLLM)."""
+    n = _local_len(layout, seq)
+    ids = _stack(session.recorded_ids, layout.local_layers, batch, n, device)
+    scores = _stack(session.recorded_log_scores, layout.local_layers, batch, n, device)
+    wide = layout.gather_seq(ids.to(torch.int32), dim=1).to(ids.dtype)  # gloo has no uint8 all-gather
+    return wide, layout.gather_seq(scores.float(), dim=1)
+
+
+@torch.no_grad()
 def stage_routing(session: RoutingSession, layout: RoutingLayout, old_log_scores: Optional[torch.Tensor],
                   old_ids: Optional[torch.Tensor], batch: int, seq: int, num_experts: int,
                   device: torch.device) -> StageRouting:

@@ -29,7 +29,7 @@ from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalt
 from megatron_rspo.rl.metrics import gamma_stats, router_shift_stats
 from megatron_rspo.rl.parallel import RoutingLayout, unwrap
 from megatron_rspo.rl.router_shift import RouterShiftConfig, aggregate_layers, change_rate, router_shift_ratio
-from megatron_rspo.rl.routing_exchange import PipelineRouting, stage_routing, stage_scores
+from megatron_rspo.rl.routing_exchange import PipelineRouting, stage_records, stage_routing, stage_scores
 
 
 @dataclass
@@ -112,23 +112,40 @@ class OldPolicyStep(_Step):
     """Forward-only step: log pi_old per label (last stage: the loss function's ``logp``) and the router
     log-scores at the rollout's ids of this stage's MoE layers, complete over the sequence. Each stage
     keeps its own scores (``self.log_scores``, one [B, S, L_stage, K] per micro-batch): a stage needs no
-    other stage's old scores to compute its part of the router shift."""
+    other stage's old scores to compute its part of the router shift.
 
-    def __init__(self, opts: StepOptions, need_scores: bool) -> None:
+    A rollout without routing records (an external engine's) has its old-policy experts recorded here
+    instead: the routers' own top-K under θ_old (``self.ids``, [B, S, L_stage, K]) and the log-scores at
+    them; under R3 (``replay_ids``) the engine's experts are replayed, -1 slots routed live, and what was
+    used is recorded."""
+
+    def __init__(self, opts: StepOptions, need_scores: bool, replay_ids: bool = False) -> None:
         super().__init__(opts)
         self.need_scores = need_scores
+        self.replay_engine_ids = replay_ids
         self.log_scores: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
 
     def __call__(self, data_iterator, model):
         exp: Experience = next(data_iterator)
         layout = self._layout(model)
         self.microbatch += 1
-        session = _session(exp, self.opts, layout, score=self.need_scores, record=False)
+        batch, seq = exp.tokens.shape[0], exp.tokens.shape[1] - 1
+        record = exp.routing_ids is None or self.replay_engine_ids
+        if record:
+            replay = exp.routing_ids[:, :-1] if self.replay_engine_ids else None
+            session = RoutingSession(record=True, replay_ids=replay, seq_slice=layout.seq_slice(seq))
+        else:
+            session = _session(exp, self.opts, layout, score=self.need_scores, record=False)
         policy = PolicyOutput(self.opts)
         logits = policy.forward(model, exp, session)
         scores = None
-        if self.need_scores:
-            scores = stage_scores(session, layout, exp.tokens.shape[0], exp.tokens.shape[1] - 1, exp.tokens.device)
+        if record:
+            ids, scores = stage_records(session, layout, batch, seq, exp.tokens.device)
+            self.ids.append(ids)
+            self.log_scores.append(scores)
+        elif self.need_scores:
+            scores = stage_scores(session, layout, batch, seq, exp.tokens.device)
             self.log_scores.append(scores)
 
         def loss_func(logits: torch.Tensor):
@@ -200,7 +217,7 @@ class TrainStep(_Step):
         if have_ids and routing.changed.shape[-1]:
             stats["expert_set_change_rate"] = change_rate(routing.changed, mask)
         loss, loss_stats = self.loss_fn(logp, exp.old_logp, exp.advantages, mask, opts.loss, gamma=gamma,
-                                        normalizer=self.normalizer)
+                                        normalizer=self.normalizer, token_weight=exp.correction_weight)
         stats.update(loss_stats)
         entropy = masked_mean(entropy_tok, mask)
         stats["entropy"] = entropy.detach()
@@ -223,9 +240,10 @@ class TrainStep(_Step):
             self.pipe.finish()
 
 
-def make_old_policy_step(opts: StepOptions, need_scores: bool) -> OldPolicyStep:
-    """Forward-only step: log pi_old per label and router log-scores at the rollout's ids."""
-    return OldPolicyStep(opts, need_scores)
+def make_old_policy_step(opts: StepOptions, need_scores: bool, replay_ids: bool = False) -> OldPolicyStep:
+    """Forward-only step: log pi_old per label and router log-scores at the rollout's ids (or, for a rollout
+    without records, at the experts this pass routes to: ``OldPolicyStep.ids``)."""
+    return OldPolicyStep(opts, need_scores, replay_ids)
 
 
 def make_train_step(opts: StepOptions, normalizer: float | torch.Tensor, loss_scale: float,

@@ -36,6 +36,7 @@ from megatron_rspo.evaluation import decode_responses, evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
+from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
 from megatron_rspo.rl.config import RLConfig, effective_model_config, validate_rl_run
 from megatron_rspo.rl.experience import Experience, build_experience, minibatches
 from megatron_rspo.rl.losses import PolicyLossConfig
@@ -58,7 +59,7 @@ from megatron_rspo.rl.parallel import (
 from megatron_rspo.rl.reference import ReferencePolicy
 from megatron_rspo.rl.router_shift import RouterShiftConfig
 from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
-from megatron_rspo.rollout.generate import SamplingParams, generate
+from megatron_rspo.rollout.generate import SamplingParams
 from megatron_rspo.tasks.registry import get_task
 from megatron_rspo.tokenizer import load_tokenizer
 
@@ -116,6 +117,9 @@ class RLTrainer:
         )
         self.ref: ReferencePolicy | None = None
         self._load()
+        # Weight version = the number of update rounds the weights have seen (= the iteration).
+        self.rollout_engine = build_rollout_engine(rl, run, self.engine.module, self.model_cfg, self.tok.eos_id,
+                                                   version=self.state.iteration)
         self.stream = ShuffledStream(len(self.train_set), run.seed, self.dp_rank, self.dp)
         self.stream.position = self.state.data_position
         self.consecutive_skips = 0
@@ -158,22 +162,26 @@ class RLTrainer:
         insts = [self.train_set[i] for i in self.stream.take(per_rank)]
         prompts = [self.tok.encode(self.task.prompt(x, rl.template, self.tok)) for x in insts]
         rows = [p for p in prompts for _ in range(rl.num_generations)]
-        # The sampling RNG lives on the model's device (no [N, V] host draws per step), seeded per iteration
-        # and DP rank; TP ranks of a DP rank share the seed and see the same gathered logits: same samples.
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank)
+        # Seeded per iteration and DP rank; TP ranks of a DP rank share the seed and see the same gathered
+        # logits: same samples.
+        seed = self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank
+        params = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
         with generation_mode(self.engine.module) as group:
-            ro = generate(self.engine.module, rows,
-                          SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p),
-                          eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, record_routing=True,
-                          record_scores=not rl.recompute_old_logprobs, generator=gen, sync_group=group,
-                          max_batch_rows=rl.generation_batch_size)
+            ro = self.rollout_engine.generate(rows, params, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, seed=seed,
+                                              record_scores=not rl.recompute_old_logprobs, sync_group=group,
+                                              max_batch_rows=rl.generation_batch_size)
+        if ro.weight_version != self.state.iteration:
+            raise RuntimeError(f"rollout sampled with weight version {ro.weight_version}, expected "
+                               f"{self.state.iteration} (this loop is synchronous: no staleness)")
         texts = decode_responses(self.tok, ro.tokens, ro.prompt_lens, ro.response_lens)  # one host copy
         group_insts = [x for x in insts for _ in range(rl.num_generations)]
         rewards = [self.task.score(t, x, rl.template) for t, x in zip(texts, group_insts)]
+        replay_engine = rl.routing_replay_source == "rollout" and ro.engine_routing_ids is not None
         exp = build_experience(ro.tokens, ro.response_mask, ro.total_lens, rewards, rl.num_generations,
-                               rl.normalize_advantage_std, routing_ids=ro.routing_ids)
-        if not rl.recompute_old_logprobs:
+                               rl.normalize_advantage_std,
+                               routing_ids=ro.engine_routing_ids if replay_engine else ro.routing_ids)
+        exp.rollout_logp = ro.logprobs
+        if self.rollout_engine.same_numerics_as_trainer and not rl.recompute_old_logprobs:
             exp.old_logp = ro.logprobs
             exp.old_log_scores = ro.routing_log_scores[:, :-1]
         r = exp.rewards.double()
@@ -185,20 +193,27 @@ class RLTrainer:
         length = agreed_forward_length(exp.tokens.shape[1] - 1, self.layout.seq_multiple)
         return pad_sequence(exp, length, self.tok.pad_id), stats
 
-    def old_policy_pass(self, exp: Experience) -> Experience:
-        """Fill log pi_old and the old router log-scores (theta_old = the weights before any update), and
-        log pi_ref for the KL term; every pass uses the training micro-batch rows."""
-        seq = exp.tokens.shape[1] - 1
+    def old_policy_pass(self, exp: Experience) -> tuple[Experience, dict[str, torch.Tensor]]:
+        """Fill log pi_old and the old router log-scores (theta_old = the weights before any update), the
+        old-policy experts when the rollout came without routing records, and log pi_ref for the KL term;
+        every pass uses the training micro-batch rows. Returns the mismatch / correction statistics."""
+        rl, seq = self.rl, exp.tokens.shape[1] - 1
         rows = self.micro_rows(seq)
-        if self.rl.recompute_old_logprobs:
-            mbs = exp.chunks(rows)
-            step = make_old_policy_step(self.opts, need_scores=True)
-            outs = self.engine.forward_only(step, mbs, seq, rows)
+        engine_ids = exp.routing_ids if self.rollout_engine.returns_routed_experts else None
+        if needs_old_pass(rl, self.rollout_engine):
+            replay = rl.routing_replay and rl.routing_replay_source == "rollout" and exp.routing_ids is not None
+            step = make_old_policy_step(self.opts, need_scores=True, replay_ids=replay)
+            outs = self.engine.forward_only(step, exp.chunks(rows), seq, rows)
             exp.old_logp = torch.cat([o["logp"] for o in outs]) if outs else None  # last pipeline stage only
             exp.old_log_scores = torch.cat(step.log_scores)  # this stage's MoE layers
+            if step.ids:  # the experts theta_old used: what router shift measures and replay replays
+                exp.routing_ids = input_aligned(torch.cat(step.ids))
+        old_ids = exp.routing_ids[:, :-1] if exp.routing_ids is not None else None
+        stats = resolve_behaviour(exp, rl, self.rollout_engine, engine_ids=None if engine_ids is None
+                                  else engine_ids[:, :-1], old_pass_ids=old_ids)
         if self.ref is not None:
             exp.ref_logp = self.ref.logprobs(exp, rows, self.opts)
-        return exp
+        return exp, stats
 
     def update(self, exp: Experience) -> dict[str, torch.Tensor]:
         rl = self.rl
@@ -262,13 +277,15 @@ class RLTrainer:
             t0 = time.time()
             exp, roll_stats = self.rollout()
             t1 = time.time()
-            exp = self.old_policy_pass(exp)
+            exp, behaviour_stats = self.old_policy_pass(exp)
             train_stats = self.update(exp)
             t2 = time.time()
             self.state.iteration += 1
+            sync_s = self.rollout_engine.sync_weights(self.engine.module, self.state.iteration)
             it = self.state.iteration
-            stats = _iteration_stats({**roll_stats, **train_stats})
-            stats.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/iteration_s": t2 - t0})
+            stats = _iteration_stats({**roll_stats, **behaviour_stats, **train_stats})
+            stats.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/weight_sync_s": sync_s,
+                          "time/iteration_s": time.time() - t0})
             warn = self._collapse_check(stats)
             stats["collapse/warning"] = float(warn)
             if run.eval_interval and (it % run.eval_interval == 0 or it == rl.train_iters):
@@ -281,6 +298,7 @@ class RLTrainer:
                 self.save()
         progress.close()
         self.metrics.close()
+        self.rollout_engine.shutdown()
         return last
 
     def _collapse_check(self, stats: dict[str, float]) -> bool:

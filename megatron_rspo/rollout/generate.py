@@ -69,6 +69,10 @@ class Rollout:
     routing_ids: Optional[torch.Tensor] = None  # [N, S, L, K] uint8 (E <= 256) / int16
     routing_log_scores: Optional[torch.Tensor] = None  # [N, S, L, K] fp32; None with record_scores=False
     finished: Optional[torch.Tensor] = None  # [N] bool: the response ended with EOS
+    weight_version: int = 0  # the policy version the rollout was sampled with (set by the rollout engine)
+    # the inference engine's own routed experts [N, S, L, K] int16, -1 = no record (prefix-cached or not
+    # returned); None when the engine returns none (the built-in engine's are routing_ids)
+    engine_routing_ids: Optional[torch.Tensor] = None
 
     @property
     def total_lens(self) -> torch.Tensor:

