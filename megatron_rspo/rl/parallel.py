@@ -271,4 +271,5 @@ def pad_sequence(exp: Experience, forward_length: int, pad_id: int = 0) -> Exper
     return replace(exp, tokens=pad(exp.tokens, pad_id), response_mask=pad(exp.response_mask),
                    routing_ids=pad(exp.routing_ids), old_logp=pad(exp.old_logp),
                    old_log_scores=pad(exp.old_log_scores), ref_logp=pad(exp.ref_logp),
-                   rollout_logp=pad(exp.rollout_logp), correction_weight=pad(exp.correction_weight))
+                   rollout_logp=pad(exp.rollout_logp), correction_weight=pad(exp.correction_weight),
+                   engine_routing_ids=pad(exp.engine_routing_ids, -1))

@@ -20,9 +20,10 @@ from typing import Literal
 import torch
 
 Aggregation = Literal["mean", "sum"]
-Placement = Literal["pre_clip", "post_clip"]
+Placement = Literal["pre_clip", "post_clip", "token_gm"]
 AGGREGATIONS: tuple[str, ...] = ("mean", "sum")
-PLACEMENTS: tuple[str, ...] = ("pre_clip", "post_clip")
+# token_gm is OUR extension (gmpo/rspo only): γ weights each token inside GMPO's mean (rl/losses_ext.py).
+PLACEMENTS: tuple[str, ...] = ("pre_clip", "post_clip", "token_gm")
 
 
 def _check_floor(floor: float) -> None:

