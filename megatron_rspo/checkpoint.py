@@ -295,7 +295,7 @@ def _check_shapes(path: str, model_sd: dict[str, Any], strict: bool) -> set[str]
     Returns the keys the checkpoint lacks (an error when ``strict``)."""
     meta = dist_checkpointing.load_tensors_metadata(path)
     bad, missing = [], []
-    for sh in _sharded_tensors(model_sd):
+    for sh in sharded_tensors(model_sd):
         if sh.key not in meta:
             missing.append(sh.key)
         elif tuple(meta[sh.key].global_shape) != tuple(sh.global_shape) and not sh.allow_shape_mismatch:
@@ -307,17 +307,18 @@ def _check_shapes(path: str, model_sd: dict[str, Any], strict: bool) -> set[str]
     return set(missing)
 
 
-def _sharded_tensors(tree: Any) -> Iterable[ShardedTensor]:
+def sharded_tensors(tree: Any) -> Iterable[ShardedTensor]:
+    """The ShardedTensors of a sharded state dict (factories built; ``_extra_state`` objects skipped)."""
     if isinstance(tree, ShardedTensor):
         yield tree
     elif isinstance(tree, dict):
         for v in tree.values():
-            yield from _sharded_tensors(v)
+            yield from sharded_tensors(v)
     elif isinstance(tree, (list, tuple)):
         for v in tree:
-            yield from _sharded_tensors(v)
+            yield from sharded_tensors(v)
     elif isinstance(tree, ShardedTensorFactory):  # e.g. SwiGLU fc1: the gate/up halves
-        yield from _sharded_tensors(tree.build())
+        yield from sharded_tensors(tree.build())
 
 
 def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,

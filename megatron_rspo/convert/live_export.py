@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_rspo import distributed
+from megatron_rspo.checkpoint import sharded_tensors
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.convert.arch import arch_of, infer_model_type, model_config_to_hf
 from megatron_rspo.convert.common import ConversionError
@@ -86,20 +86,6 @@ def _finish_param_sync(model: Any) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _sharded_tensors(tree: Any) -> Iterator[ShardedTensor]:
-    """The ShardedTensors of a sharded state dict (factories built; ``_extra_state`` objects skipped)."""
-    if isinstance(tree, ShardedTensorFactory):
-        tree = tree.build()  # SwiGLU fc1: gate and up halves, views of the local weight
-    if isinstance(tree, ShardedTensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _sharded_tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _sharded_tensors(v)
-
-
 def _is_main(replica_id: Union[int, tuple[int, ...]]) -> bool:
     return all(r == 0 for r in (replica_id if isinstance(replica_id, tuple) else (replica_id,)))
 
@@ -108,7 +94,7 @@ def _local_shards(model: Any) -> tuple[list[_Meta], list[torch.Tensor], list[str
     """This rank's main replicas (metadata, data) over all model chunks, and the problems seen."""
     metas, data, problems = [], [], []
     for chunk in model if isinstance(model, (list, tuple)) else [model]:  # virtual pipeline: a list of chunks
-        for sh in _sharded_tensors(_unwrap(chunk).sharded_state_dict()):
+        for sh in sharded_tensors(_unwrap(chunk).sharded_state_dict()):
             if not _is_main(sh.replica_id):
                 continue
             if sh.flattened_range is not None:
