@@ -42,3 +42,15 @@ def test_vllm_refusals_come_before_any_model(countdown_data):
     with pytest.raises(ConfigError) as err:
         trainer.main(_args(countdown_data, "--routing-replay", "--routing-replay-source", "rollout", "--top-p", "0.9"))
     assert "--routing-replay-source rollout" in str(err.value) and "--top-p 0.9" in str(err.value)
+
+
+@pytest.mark.dist
+def test_two_ranks_share_one_engine(countdown_data):
+    """EP=2 over two trainer ranks: rank 0 drives the one vLLM engine for both data-parallel ranks (prompts
+    gathered, rows handed back), and every rank streams its expert shards in the weight sync."""
+    from conftest import run_torchrun
+
+    res = run_torchrun("-m", "megatron_rspo.rl.trainer",
+                       *_args(countdown_data, "--expert-model-parallel-size", "2", "--train-iters", "2"),
+                       nproc=2, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
