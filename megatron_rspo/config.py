@@ -206,11 +206,7 @@ def load_model_config(path: str) -> ModelConfig:
         data = json.load(fh)
     return ModelConfig(**data["ModelConfig"])
 
-
-# Validation lives in its own module (it is long); imported here so ``config.validate`` stays the entry.
-from megatron_rspo.validation import validate  # noqa: E402
-
 __all__ = [
     "ConfigError", "UserError", "ModelConfig", "ParallelConfig", "OptimConfig", "RunConfig", "add_dataclass_args",
-    "arg", "field_help", "from_args", "to_dict", "save_json", "load_model_config", "validate", "field",
+    "arg", "field_help", "from_args", "to_dict", "save_json", "load_model_config", "field",
 ]

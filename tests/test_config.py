@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig, add_dataclass_args, from_args, validate
+from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig, add_dataclass_args, from_args
+from megatron_rspo.validation import validate
 
 
 def parse(argv: list[str]) -> tuple[ModelConfig, ParallelConfig]:

@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from megatron_rspo.checkpoint import save_checkpoint
-from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig, validate
+from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rspo.convert.arch import HFArch, hf_to_model_config
 from megatron_rspo.convert.common import ConversionError, Log, Progress, default_log, peak_rss_mib
 from megatron_rspo.convert.hf_layout import HFCheckpointReader
@@ -44,6 +44,7 @@ from megatron_rspo.convert.mapping import (
     layer_to_megatron,
 )
 from megatron_rspo.rng_state import layout
+from megatron_rspo.validation import validate
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:

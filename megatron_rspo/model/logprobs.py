@@ -231,13 +231,3 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor,
     return model(tokens, position_ids(tokens), None, padding_mask=padding_mask)
 
 
-_FUSED = ("fused_token_logprobs", "output_hidden", "OutputHidden")
-
-
-def __getattr__(name: str):
-    """The fused path, importable from here too (lazily: fused_logprobs imports this module)."""
-    if name in _FUSED:
-        from megatron_rspo.model import fused_logprobs
-
-        return getattr(fused_logprobs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,9 @@ from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
 from megatron_rspo import distributed
 from megatron_rspo.compat.cpu import apply_cpu_patches, cuda_available
-from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig, validate
+from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rspo.model.routing import RecordingTopKRouter
+from megatron_rspo.validation import validate
 
 
 def te_available() -> bool:

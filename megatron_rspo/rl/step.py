@@ -16,13 +16,8 @@ from typing import Optional
 
 import torch
 
-from megatron_rspo.model.logprobs import (
-    forward_logits,
-    fused_token_logprobs,
-    output_hidden,
-    token_logprobs,
-    token_logprobs_and_entropy,
-)
+from megatron_rspo.model.fused_logprobs import fused_token_logprobs, output_hidden
+from megatron_rspo.model.logprobs import forward_logits, token_logprobs, token_logprobs_and_entropy
 from megatron_rspo.model.routing import RoutingSession, routing_session
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalty, masked_mean
