@@ -22,8 +22,8 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,12 +37,15 @@ from studylib import plots as sp  # noqa: E402
 from studylib import runs as sr  # noqa: E402
 from studylib.analysis import CollapseCriterion, RunSummary, fmt, mean_std  # noqa: E402
 from studylib.runs import Run, Scalars, StudyConfig  # noqa: E402
+from studylib.stats import fmt_ci, paired_diffs, t_abs_cdf, t_interval, t_quantile  # noqa: E402,F401
 
 FULL_CONFIGS = ("grpo", "gspo", "gmpo", "rspo", "grpo_rs", "gmpo_tis", "gmpo_icepop", "rspo_tis",
                 "rspo_token_gm", "rspo_adaptive", "gmpo_r3")
 BASELINE = "gmpo"
-# per-run scalars beyond studylib's RunSummary: (name, tag, how: mean over iterations | last value)
-EXTRA_TAGS = (("k3_kl", "mismatch/k3_kl", "mean"), ("abs_logp", "mismatch/abs_logp_diff_mean", "mean"),
+# per-run scalars beyond studylib's RunSummary: (name, tag, how: mean | max over iterations | last value)
+EXTRA_TAGS = (("is_ratio_max", "policy/is_ratio_max", "max"), ("k3_kl", "mismatch/k3_kl", "mean"),
+              ("k3_kl_max", "mismatch/k3_kl", "max"),
+              ("abs_logp", "mismatch/abs_logp_diff_mean", "mean"),
               ("staleness", "rollout/staleness_mean", "mean"), ("skipped_steps", "reuse/skipped_steps", "last"),
               ("stopped_frac", "reuse/stopped_frac", "last"))
 
@@ -132,7 +135,8 @@ def extra_metrics(scalars: Scalars) -> dict[str, Optional[float]]:
     out: dict[str, Optional[float]] = {}
     for name, tag, how in EXTRA_TAGS:
         pts = sorted((s, v) for s, v in zip(*scalars.get(tag, ([], []))) if s >= 1 and an.finite(v))
-        out[name] = None if not pts else pts[-1][1] if how == "last" else sum(v for _, v in pts) / len(pts)
+        vals = [v for _, v in pts]
+        out[name] = None if not vals else {"last": vals[-1], "max": max(vals)}.get(how, sum(vals) / len(vals))
     return out
 
 
@@ -160,56 +164,6 @@ def collect(by_cell: dict[Cell, list[Run]], reader, crit: CollapseCriterion) -> 
     return result
 
 
-# ---------------------------------------------------------------------------------------------- statistics
-def t_abs_cdf(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4, exact finite series)."""
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2:
-        term, total = 1.0, 1.0 if df > 1 else 0.0
-        for k in range(3, df - 1, 2):  # 2·4···(k-1) / (1·3···k) cos^(k-1)
-            term *= (k - 1) / k * c2
-            total += term
-        return 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
-    term, total = 1.0, 1.0
-    for k in range(2, df - 1, 2):  # 1·3···(k-1) / (2·4···k) cos^k
-        term *= (k - 1) / k * c2
-        total += term
-    return s * total
-
-
-def t_quantile(level: float, df: int) -> float:
-    """The two-sided critical value: P(|T| <= q) = level (bisection on the exact CDF)."""
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_abs_cdf(mid, df) < level else (lo, mid)
-    return (lo + hi) / 2
-
-
-def paired_diffs(base: list[RunSummary], other: list[RunSummary]) -> list[tuple[int, float]]:
-    """(seed, other − base final accuracy) for the seeds with a final accuracy on both sides."""
-    a = {s.seed: s.final_acc for s in base if s.final_acc is not None}
-    return sorted((s.seed, s.final_acc - a[s.seed]) for s in other if s.final_acc is not None and s.seed in a)
-
-
-def t_interval(values: list[float], level: float = 0.95) -> Optional[tuple]:
-    """(mean, low, high, n): the t-interval of the mean (low = high = None for n = 1); None for no values."""
-    n = len(values)
-    if n < 2:
-        return (values[0], None, None, 1) if values else None
-    mean = statistics.fmean(values)
-    half = t_quantile(level, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return mean, mean - half, mean + half, n
-
-
-def fmt_ci(ci: Optional[tuple]) -> str:
-    if ci is None:
-        return "–"
-    mean, lo, hi, n = ci
-    return f"{mean:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else "") + f" (n={n})"
-
-
 # ---------------------------------------------------------------------------------------------- report
 def of(result: StudyResult, cell: str, config: str) -> list[RunResult]:
     return [r for r in result.runs if r.cell == cell and r.summary.config == config and r.summary.status != "missing"]
@@ -224,8 +178,13 @@ def delta_vs_base(result: StudyResult, cell: str, config: str) -> tuple[list[tup
     return d, t_interval([v for _, v in d])
 
 
-TABLE_HEAD = ("| config | ok | final acc | Δ vs GMPO [95% CI] | per-seed Δ | collapsed (at) | clip frac "
-              "| IS-ratio std | router shift | γ mean | γ p05 | k3 KL | mean abs Δlogp | staleness | skipped steps |")
+TABLE_HEAD = ("| config | ok | final acc | Δ vs GMPO [95% CI] | per-seed Δ | collapsed (at) | clip frac | IS-ratio std "
+              "| IS-ratio max | router shift | γ mean | γ p05 | k3 KL | k3 KL max | mean abs Δlogp | staleness "
+              "| skipped steps |")
+
+METRIC_COLUMNS = (("clip_frac", ".4f"), ("is_ratio_std", ".3g"), ("is_ratio_max", ".3g"), ("router_shift", ".3g"),
+                  ("gamma", ".4f"), ("gamma_p05", ".4f"), ("k3_kl", ".2e"), ("k3_kl_max", ".2e"), ("abs_logp", ".2e"),
+                  ("staleness", ".2f"), ("skipped_steps", ".1f"))
 
 
 def cell_table(result: StudyResult, cell: str, configs: list[StudyConfig], n_seeds: int) -> list[str]:
@@ -238,10 +197,7 @@ def cell_table(result: StudyResult, cell: str, configs: list[StudyConfig], n_see
                 fmt(stat(rows, "final_acc"), ".3f", n_seeds), "(baseline)" if c.name == BASELINE else fmt_ci(ci),
                 ", ".join(f"{v:+.3f}" for _, v in d) or "–",
                 f"{len(col)}/{len(rows)}" + (f" ({', '.join(map(str, col))})" if col else ""),
-                *[fmt(stat(rows, a), f) for a, f in (("clip_frac", ".4f"), ("is_ratio_std", ".3g"),
-                                                      ("router_shift", ".3g"), ("gamma", ".4f"), ("gamma_p05", ".4f"),
-                                                      ("k3_kl", ".2e"), ("abs_logp", ".2e"), ("staleness", ".2f"),
-                                                      ("skipped_steps", ".1f"))]]
+                *[fmt(stat(rows, a), f) for a, f in METRIC_COLUMNS]]
         lines.append("| " + " | ".join(vals) + " |")
     return lines
 
@@ -333,8 +289,10 @@ def cut_lines(args: argparse.Namespace, configs: list[StudyConfig], result: Stud
     if n_seeds < 5:
         out.append(f"{n_seeds} seed(s) instead of 5+: the intervals are wide and a difference of a few points "
                    "cannot be told from seed noise")
-    models = ", ".join(f"`{m}` ({sr.model_description(p, short=True)})" for m, p in args.models)
-    out.append(f"models: {models} only; the Qwen3-like 64-expert model is not in this study unless listed here")
+    shapes = {m: sr.model_description(p, short=True) for m, p in args.models}
+    if not any(int(re.match(r"E(\d+)", s).group(1)) >= 64 for s in shapes.values() if re.match(r"E\d+", s)):
+        out.append(f"models: {', '.join(f'`{m}` ({s})' for m, s in shapes.items())} only; no Qwen3-like "
+                   "64-expert model")
     return out + args.cut
 
 
@@ -374,12 +332,12 @@ def write_doc(path: str, result: StudyResult, args: argparse.Namespace, cells: l
         f"- this invocation: {executed} run(s) executed, {reused} reused; report written "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}; per-run wall time (run.json): {fmt(stat(result.runs, 'wall_s'), '.0f')}"
         f" s over {stat(result.runs, 'wall_s')[2]} run(s), {sum(r.summary.wall_s or 0 for r in result.runs):.0f} s "
-        "in all", *[f"- {n}" for n in args.note], "",
+        "in all", "",
         "## Findings (from the data only)", "", *[f"- {f}" for f in findings(result, cells, configs)], "",
         "A difference is called above/below GMPO only when its 95% t-interval over paired seeds excludes 0; with "
         f"{n_seeds} seed(s) and {args.eval_samples} evaluation prompts (one evaluation's standard error is about "
         f"{100 * math.sqrt(0.25 / max(args.eval_samples, 1)):.1f} points at 50% accuracy) only large effects can.",
-        "",
+        "", *(["## Notes", "", *[f"- {n}" for n in args.note], ""] if args.note else []),
     ]
     for cell in cells:
         init = mean_std([r.summary.init_acc for r in result.runs if r.cell == cell.name])
@@ -391,7 +349,9 @@ def write_doc(path: str, result: StudyResult, args: argparse.Namespace, cells: l
         "(t quantile at n − 1 degrees of freedom); *collapsed (at)*: runs collapsed / runs, and the iterations; "
         "clip frac = `policy/clip_frac_low + _high`, `policy/is_ratio_std`, `router/shift_mean`, "
         "`router/gamma_mean`, `router/gamma_p05`, `mismatch/k3_kl`, `mismatch/abs_logp_diff_mean`, "
-        "`rollout/staleness_mean`: per-run means over iterations; *skipped steps*: `reuse/skipped_steps` at the "
+        "`rollout/staleness_mean`: per-run means over iterations (one outlier iteration can dominate the IS-ratio "
+        "std); *IS-ratio max*, *k3 KL max*: the run's largest `policy/is_ratio_max`, `mismatch/k3_kl`; "
+        "*skipped steps*: `reuse/skipped_steps` at the "
         "last iteration (adaptive reuse only). With staleness > 0 the mismatch metrics compare the stale "
         "behaviour policy with the current one, so they include the staleness, not only the engine's precision.",
         "", "## Collapse", "", an.describe_collapse(crit), "",
@@ -442,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cut", action="append", default=[], metavar="TEXT",
                    help="a line for the report's 'what was cut' section (repeatable)")
     g.add_argument("--note", action="append", default=[], metavar="TEXT",
-                   help="a line for the report's machine-and-time section (repeatable)")
+                   help="a line for the report's Notes section (repeatable)")
     cf.add_execution_args(p)
     cf.add_trainer_args(p)
     cf.add_collapse_args(p)

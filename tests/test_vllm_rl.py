@@ -54,3 +54,11 @@ def test_two_ranks_share_one_engine(countdown_data):
                        *_args(countdown_data, "--expert-model-parallel-size", "2", "--train-iters", "2"),
                        nproc=2, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
+
+
+def test_one_step_off_with_vllm_overlaps_generation(countdown_data):
+    """--async-rollout with vLLM: the next rollout is generated in a thread while the trainer trains; every
+    sample is at most one version old, and the weight sync waits for that generation."""
+    last = trainer.main(_args(countdown_data, "--async-rollout", "--max-staleness", "1", "--train-iters", "3"))
+    assert last["rollout/staleness_max"] == 1.0
+    assert last["mismatch/abs_logp_diff_mean"] > 0 and "time/rollout_wait_s" in last
