@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -221,10 +220,6 @@ def reduce_scalars(values: dict[str, torch.Tensor | float], ops: dict[str, str],
         out.update(zip(names, t.tolist()))
     return out
 
-
-def stack_on(device: torch.device, values: Sequence[torch.Tensor | float]) -> torch.Tensor:
-    """Scalars (tensors on any device, or floats) as one fp64 vector on ``device`` (no host sync)."""
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
 
 
 def scatter_object(objs: Optional[list], src: int = 0, group: Optional[dist.ProcessGroup] = None) -> object:

@@ -130,10 +130,6 @@ class RLConfig:
     def uses_router_shift(self) -> bool:
         return self.router_shift or self.rl_algorithm == "rspo"
 
-    def validate(self, dp_size: int, num_microbatches: int) -> None:
-        """The RL-flag checks alone, for a known data-parallel size (``validate_rl_run`` checks everything)."""
-        raise_errors(rl_errors(self, ParallelConfig(num_microbatches=num_microbatches), dp_size),
-                     "invalid RL configuration")
 
 
 def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optional[ModelConfig] = None) -> list[str]:

@@ -62,10 +62,6 @@ def mean_over_dp(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return reduce_over_dp(metrics)
 
 
-def max_over_dp(value: float) -> float:
-    return reduce_over_dp({"v": value}, {"v": "max"})["v"]
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
