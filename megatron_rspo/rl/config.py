@@ -131,7 +131,6 @@ class RLConfig:
         return self.router_shift or self.rl_algorithm == "rspo"
 
 
-
 def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optional[ModelConfig] = None) -> list[str]:
     """Problems of the RL flags; ``dp`` None: the layout itself is invalid (reported elsewhere)."""
     errors: list[str] = []
