@@ -2,7 +2,9 @@
 # The tiny CPU demo, end to end: Countdown data -> sentencepiece tokenizer -> SFT of a tiny
 # Megatron-Core MoE (4 layers, 8 experts, top-2 by default) -> held-out accuracy by greedy sampling.
 # About 4 minutes on 2 CPU cores. Override any step with env vars, e.g. SFT_ITERS=300; the router-shift
-# sweep's 32-expert model is OUT=runs/countdown_e32 EXPERTS=32 TOPK=4 MOE_FFN=64 bash examples/countdown_tiny_cpu.sh
+# sweep's 32-expert model is OUT=runs/countdown_e32 EXPERTS=32 TOPK=4 MOE_FFN=64 bash examples/countdown_tiny_cpu.sh;
+# study v2's Qwen3-like routing geometry (64 fine-grained experts, top-8, 8 layers) is
+# OUT=runs/countdown_q64 LAYERS=8 EXPERTS=64 TOPK=8 MOE_FFN=32 bash examples/countdown_tiny_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -13,6 +15,7 @@ SEED=${SEED:-1234}
 EXPERTS=${EXPERTS:-8}
 TOPK=${TOPK:-2}
 MOE_FFN=${MOE_FFN:-128}  # per-expert FFN width; keep TOPK x MOE_FFN fixed to keep the active FFN size
+LAYERS=${LAYERS:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # lower it when the cores are shared: oversubscription is very slow
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's Apex/TE fallback notices
 
@@ -22,7 +25,7 @@ $PYTHON tools/make_countdown_data.py --out-dir "$DATA" --num-train 12000 --num-t
     --num-numbers 3 --max-number 20 --max-target 100 --vocab-size 64 --seed "$SEED"
 
 # The tiny policy: a Qwen-MoE-like decoder (RMSNorm, RoPE, SwiGLU experts), every layer MoE.
-MODEL_ARGS=(--num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 256
+MODEL_ARGS=(--num-layers "$LAYERS" --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 256
             --num-experts "$EXPERTS" --moe-router-topk "$TOPK" --moe-ffn-hidden-size "$MOE_FFN" --max-position-embeddings 64)
 
 echo "== 2/3 SFT warm-up ($SFT_ITERS iterations) -> $OUT/sft"
