@@ -247,6 +247,20 @@ def test_executor_records_status(sc, tmp_path):
     assert sc.log_tail(runs[1].dir) == "boom" and not sc.has_events(runs[0].dir)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_concurrent_runs_get_disjoint_cores(sc, tmp_path):
+    cfg = sc.CONFIGS[0]
+    probe = ("import os, json, time; time.sleep(0.5); "
+             "print(json.dumps([sorted(os.sched_getaffinity(0)), os.environ['VLLM_CPU_OMP_THREADS_BIND']]))")
+    runs = [sc.Run(cfg, s, str(tmp_path / str(s)), [sys.executable, "-c", probe]) for s in (1, 2, 3)]
+    sc.Executor(jobs=2, threads=1, timeout=30).execute(runs)
+    seen = [json.loads(sc.log_tail(r.dir)) for r in runs]
+    assert all(",".join(map(str, cores)) == bind for cores, bind in seen)
+    slots = sc.core_slots(2)
+    assert {tuple(c) for c, _ in seen} <= set(slots) and not set(slots[0]) & set(slots[1])
+    assert sc.core_slots(1) == [()]  # one run at a time: not pinned
+
+
 def test_dry_run_prints_commands(sc, tmp_path, capsys):
     out = tmp_path / "runs"
     assert sc.main(["--init-from", "ck", "--data-dir", "d", "--out-dir", str(out), "--configs", "grpo", "rspo",

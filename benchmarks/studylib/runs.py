@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import platform
+import queue
 import shlex
 import socket
 import subprocess
@@ -116,12 +117,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def core_slots(jobs: int) -> list[tuple[int, ...]]:
+    """One disjoint set of CPU cores per concurrent run; empty sets (no pinning) for one run at a time or when
+    there are fewer cores than runs."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if jobs <= 1 or len(cores) < jobs:
+        return [()] * max(jobs, 1)
+    per = len(cores) // jobs
+    return [tuple(cores[i * per:(i + 1) * per]) for i in range(jobs)]
+
+
 class Executor:
     """Runs trainer subprocesses (``jobs`` at a time), each writing train.log and run.json in its dir."""
 
     def __init__(self, jobs: int, threads: int, timeout: Optional[float]) -> None:
         self.jobs, self.threads, self.timeout = jobs, threads, timeout
         self.stop = threading.Event()
+        # Concurrent runs each get their own cores (trainer and engine alike), so one run's OpenMP threads,
+        # vLLM's included (it binds to every core of the node by default), do not spin on another's cores.
+        self._slots: queue.Queue = queue.Queue()
+        for cores in core_slots(jobs):
+            self._slots.put(cores)
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
 
@@ -137,11 +153,19 @@ class Executor:
                    PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             env.pop(k, None)  # each run is its own single-process job
+        cores = self._slots.get()
+        if cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         start = time.time()
         with open(os.path.join(run.dir, "train.log"), "w") as log:
             log.write("$ " + shlex.join(run.cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(run.cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                proc = subprocess.Popen(run.cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+            except BaseException:
+                self._slots.put(cores)
+                raise
             with self._lock:
                 self._procs.add(proc)
             try:
@@ -154,6 +178,7 @@ class Executor:
             finally:
                 with self._lock:
                     self._procs.discard(proc)
+                self._slots.put(cores)
         if self.stop.is_set():  # interrupted by the user: not a result, leave the run to be redone
             return None
         manifest = {"config": run.config.name, "seed": run.seed, "cmd": run.cmd, "rc": rc, "status": status,
@@ -197,7 +222,8 @@ def machine_description(jobs: int, threads: int) -> str:
         torch_v = "?"
     cpu = platform.processor() or platform.machine()
     return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPU cores ({cpu}), {dev}; "
-            f"python {platform.python_version()}, torch {torch_v}; {jobs} run(s) at a time x {threads} thread(s)")
+            f"python {platform.python_version()}, torch {torch_v}; {jobs} run(s) at a time x {threads} thread(s)"
+            + ("; each run pinned to its own core(s), engine included" if any(core_slots(jobs)) else ""))
 
 
 @functools.cache  # one read per checkpoint, however many cells and tables name it
