@@ -111,6 +111,22 @@ def test_t_abs_cdf_against_numerical_integration(sv):
         assert sv.t_abs_cdf(2.5, df) == pytest.approx(float(np.trapezoid(pdf, x)), abs=1e-8)
 
 
+def test_paired_p_and_pearson_against_numpy(sv):
+    import numpy as np
+    from studylib.stats import paired_p, pearson
+
+    d = [-0.02, -0.035, -0.01, -0.03, -0.04]
+    t = np.mean(d) / (np.std(d, ddof=1) / math.sqrt(5))
+    x = np.linspace(abs(t), 400, 4000001)  # the two tails of t(4) beyond |t|, integrated numerically
+    tail = 2 * float(np.trapezoid(math.gamma(2.5) / (2 * math.sqrt(math.pi)) * (1 + x ** 2 / 4) ** -2.5, x))
+    assert t == pytest.approx(-5.0138, abs=1e-4) and tail == pytest.approx(0.00742, abs=1e-5)
+    assert paired_p(d) == pytest.approx(tail, abs=1e-7)
+    assert paired_p([0.1]) is None and paired_p([0.1, 0.1]) is None
+    xs, ys = [0.1, 0.4, 0.35, 0.8, 0.2], [0.5, 0.3, 0.33, 0.1, 0.45]
+    assert pearson(xs, ys) == pytest.approx(float(np.corrcoef(xs, ys)[0, 1]), abs=1e-12)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1, 2], [2, 1]) is None
+
+
 def summ(sv, config, seed, final, status="ok", **kw):
     return sv.RunSummary(config=config, seed=seed, status=status, final_acc=final, **kw)
 

@@ -19,7 +19,7 @@ from studylib import plots as sp
 from studylib import runs as sr
 from studylib.analysis import CollapseCriterion, RunSummary, fmt, mean_std
 from studylib.runs import Scalars, StudyConfig
-from studylib.stats import fmt_ci, paired_diffs, t_interval
+from studylib.stats import fmt_ci, paired_diffs, paired_p, pearson, t_interval
 
 FULL_CONFIGS = ("grpo", "gspo", "gmpo", "rspo", "grpo_rs", "gmpo_tis", "gmpo_icepop", "rspo_tis",
                 "rspo_token_gm", "rspo_adaptive", "gmpo_r3")
@@ -29,7 +29,7 @@ EXTRA_TAGS = (("is_ratio_max", "policy/is_ratio_max", "max"), ("k3_kl", "mismatc
               ("k3_kl_max", "mismatch/k3_kl", "max"),
               ("abs_logp", "mismatch/abs_logp_diff_mean", "mean"),
               ("staleness", "rollout/staleness_mean", "mean"), ("skipped_steps", "reuse/skipped_steps", "last"),
-              ("stopped_frac", "reuse/stopped_frac", "last"))
+              ("stopped_frac", "reuse/stopped_frac", "last"), ("ppo_kl", "policy/ppo_kl", "mean"))
 
 
 class Cell(Protocol):
@@ -81,10 +81,11 @@ def delta_vs_base(result: StudyResult, cell: str, config: str) -> tuple[list[tup
 
 
 TABLE_HEAD = ("| config | ok | final acc | Δ vs GMPO [95% CI] | per-seed Δ | collapsed (at) | clip frac | IS-ratio std "
-              "| IS-ratio max | router shift | γ mean | γ p05 | k3 KL | k3 KL max | mean abs Δlogp | staleness "
-              "| skipped steps |")
+              "| IS-ratio max | PPO KL | router shift | γ mean | γ p05 | k3 KL | k3 KL max | mean abs Δlogp "
+              "| staleness | skipped steps |")
 
-METRIC_COLUMNS = (("clip_frac", ".4f"), ("is_ratio_std", ".3g"), ("is_ratio_max", ".3g"), ("router_shift", ".3g"),
+METRIC_COLUMNS = (("clip_frac", ".4f"), ("is_ratio_std", ".3g"), ("is_ratio_max", ".3g"), ("ppo_kl", ".3g"),
+                  ("router_shift", ".3g"),
                   ("gamma", ".4f"), ("gamma_p05", ".4f"), ("k3_kl", ".2e"), ("k3_kl_max", ".2e"), ("abs_logp", ".2e"),
                   ("staleness", ".2f"), ("skipped_steps", ".1f"))
 
@@ -105,23 +106,46 @@ def cell_table(result: StudyResult, cell: str, configs: list[StudyConfig], n_see
 
 
 def findings(result: StudyResult, cells: list[Cell], configs: list[StudyConfig]) -> list[str]:
-    """What the data says, cell by cell: which paired differences vs GMPO exclude 0, and the collapses."""
+    """What the data says, cell by cell: which paired differences vs GMPO exclude 0 (and whether they survive
+    Bonferroni over the cell's comparisons), the collapses, and how final accuracy goes with the PPO KL."""
     out = []
+    m = max(1, sum(c.name != BASELINE for c in configs))
     for cell in cells:
         parts = []
         for c in configs:
             if c.name == BASELINE:
                 continue
-            _, ci = delta_vs_base(result, cell.name, c.name)
+            d, ci = delta_vs_base(result, cell.name, c.name)
             if ci is None or ci[1] is None:
                 parts.append(f"{c.label}: no interval (fewer than 2 paired seeds)")
                 continue
             verdict = ("above GMPO" if ci[1] > 0 else "below GMPO") if ci[1] > 0 or ci[2] < 0 else "CI includes 0"
+            p = paired_p([v for _, v in d])
+            if verdict != "CI includes 0" and p is not None:
+                verdict += f" (p = {p:.3f}; {'survives' if p * m < 0.05 else 'not significant after'} Bonferroni x{m})"
             parts.append(f"{c.label} {ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}], {verdict}")
         n_col = sum(r.summary.collapse_iter is not None for r in result.runs if r.cell == cell.name)
         n_runs = sum(r.summary.status != "missing" for r in result.runs if r.cell == cell.name)
         out.append(f"`{cell.name}`: " + ("; ".join(parts) or "no comparison") + f". Collapsed runs: {n_col}/{n_runs}.")
+        out.append(kl_line(result, cell.name, configs))
     return out
+
+
+def kl_line(result: StudyResult, cell: str, configs: list[StudyConfig]) -> str:
+    """Final accuracy against the mean PPO KL, over configurations (their means) and over runs."""
+    means = [(stat(rows, "ppo_kl")[0], stat(rows, "final_acc")[0])
+             for c in configs if (rows := of(result, cell, c.name))]
+    means = [(k, a) for k, a in means if k is not None and a is not None]
+    runs = [(r.extra.get("ppo_kl"), r.summary.final_acc) for r in result.runs if r.cell == cell]
+    runs = [(k, a) for k, a in runs if k is not None and a is not None]
+    r_cfg = pearson(*map(list, zip(*means))) if means else None
+    r_run = pearson(*map(list, zip(*runs))) if runs else None
+
+    def show(r: Optional[float], n: int) -> str:
+        return "–" if r is None else f"{r:+.2f} (n={n})"
+
+    return (f"`{cell}`: final accuracy vs mean PPO KL, Pearson r over configuration means "
+            f"{show(r_cfg, len(means))}, over runs {show(r_run, len(runs))}.")
 
 
 MISMATCH_PANELS = [("mismatch/k3_kl", "train-inference k3 KL (π_rollout vs π_old)"),

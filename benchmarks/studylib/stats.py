@@ -47,6 +47,24 @@ def t_interval(values: list[float], level: float = 0.95) -> Optional[tuple]:
     return mean, mean - half, mean + half, n
 
 
+def paired_p(values: list[float]) -> Optional[float]:
+    """Two-sided p-value of the paired t-test (mean difference = 0); None below 2 values or with no spread."""
+    if len(values) < 2 or statistics.stdev(values) == 0:
+        return None
+    t = statistics.fmean(values) / (statistics.stdev(values) / math.sqrt(len(values)))
+    return 1.0 - t_abs_cdf(t, len(values) - 1)
+
+
+def pearson(xs: list[float], ys: list[float]) -> Optional[float]:
+    """Pearson's r; None below 3 pairs or with a constant side."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
 def fmt_ci(ci: Optional[tuple]) -> str:
     if ci is None:
         return "–"
