@@ -208,6 +208,9 @@ def test_report_only_with_missing_runs(sv, tmp_path, monkeypatch, capsys):
     stale0 = text.split("## Cell `demo/stale0`")[1].split("## Cell")[0]
     assert "RSPO** | 2/3 | 0.355 ± 0.049 (n=2) | +0.005 [" in stale0 and "(n=2) | +0.020, -0.010 |" in stale0
     assert "RSPO +0.100 [" in text and "above GMPO" in text and "CI includes 0" in text
+    assert "(p = 0.003; survives Bonferroni x3)" in text  # t = 0.1 / (0.01 / sqrt 3) = 17.3 on 2 df
+    rs_row = next(line for line in stale1.splitlines() if line.startswith("| RSPO − GMPO |"))
+    assert f"+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}] (n=3) | +0.100, +0.110, +0.090 | 0.003 |" in rs_row
     assert "GMPO+IcePop" in text.split("## What was cut")[1] and "- iters cut" in text
     assert "## Notes\n\n- cores shared" in text
     assert "not run (no tensorboard events), 12:" in text and "demo/stale0/rspo/seed3" in text

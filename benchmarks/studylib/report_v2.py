@@ -75,9 +75,27 @@ def stat(rows: list[RunResult], attr: str) -> tuple:
     return mean_std([r.extra.get(attr) if attr in r.extra else getattr(r.summary, attr) for r in rows])
 
 
-def delta_vs_base(result: StudyResult, cell: str, config: str) -> tuple[list[tuple[int, float]], Optional[tuple]]:
-    d = paired_diffs([r.summary for r in of(result, cell, BASELINE)], [r.summary for r in of(result, cell, config)])
+def delta_vs_base(result: StudyResult, cell: str, config: str,
+                  base: str = BASELINE) -> tuple[list[tuple[int, float]], Optional[tuple]]:
+    d = paired_diffs([r.summary for r in of(result, cell, base)], [r.summary for r in of(result, cell, config)])
     return d, t_interval([v for _, v in d])
+
+
+# The paper's question as a plug-in: the same loss with and without the router-shift weight.
+RS_PAIRS = (("gmpo", "rspo"), ("grpo", "grpo_rs"), ("gspo", "gspo_rs"), ("gmpo_tis", "rspo_tis"))
+
+
+def rs_table(result: StudyResult, cell: str, configs: list[StudyConfig]) -> list[str]:
+    """RS − base final accuracy, paired by seed, for every (base, base + RS) pair the study ran."""
+    names = {c.name: c.label for c in configs}
+    lines = ["| with RS − without (paired) | Δ final acc [95% CI] | per-seed Δ | p |", "|---|---:|---:|---:|"]
+    for base, with_rs in RS_PAIRS:
+        if base in names and with_rs in names:
+            d, ci = delta_vs_base(result, cell, with_rs, base)
+            p = paired_p([v for _, v in d])
+            lines.append(f"| {names[with_rs]} − {names[base]} | {fmt_ci(ci)} | "
+                         f"{', '.join(f'{v:+.3f}' for _, v in d) or '–'} | {'–' if p is None else f'{p:.3f}'} |")
+    return lines if len(lines) > 2 else []
 
 
 TABLE_HEAD = ("| config | ok | final acc | Δ vs GMPO [95% CI] | per-seed Δ | collapsed (at) | clip frac | IS-ratio std "
@@ -269,6 +287,8 @@ def write_doc(path: str, result: StudyResult, args: argparse.Namespace, cells: l
         init = mean_std([r.summary.init_acc for r in result.runs if r.cell == cell.name])
         lines += [f"## Cell `{cell.name}`", "", f"SFT held-out accuracy (iteration 0): {fmt(init, '.3f')}.", "",
                   *cell_table(result, cell.name, configs, n_seeds), ""]
+        rs = rs_table(result, cell.name, configs)
+        lines += ["Router-shift weight as a plug-in (same loss with and without RS):", "", *rs, ""] if rs else []
     lines += [
         "Columns: mean ± sample std over seeds; *final acc*: `eval/accuracy` at the last iteration of completed runs; "
         "*Δ vs GMPO*: mean of the per-seed differences (config − GMPO, same seed) with its 95% t-interval "
