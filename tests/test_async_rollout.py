@@ -173,6 +173,19 @@ def test_our_extensions_run_through_the_trainer(countdown_data, tmp_path):
     assert last["reuse/steps_run"] >= 1 and last["reuse/skipped_steps"] >= 0
 
 
+def test_reuse_stops_keep_the_lr_schedule_on_rollouts(countdown_data, tmp_path, monkeypatch):
+    """Every rollout stops after its first of 2 x 2 steps; the cosine schedule still ends where the run's
+    12 planned steps put it, so a stop changes how many steps a rollout gets, not the later rollouts' LR."""
+    from megatron_rspo.rl.reuse import ReuseController
+
+    monkeypatch.setattr(ReuseController, "should_stop", lambda self, stats: True)
+    seen = {}
+    train = trainer.RLTrainer.train
+    monkeypatch.setattr(trainer.RLTrainer, "train", lambda self: seen.setdefault("t", self) and train(self))
+    trainer.main(_args(countdown_data, tmp_path, "--rl-algorithm", "rspo", "--adaptive-reuse", "--ppo-epochs", "2"))
+    assert seen["t"].engine.scheduler.num_steps == 3 * 2 * 2
+
+
 def test_token_gm_is_refused_where_it_means_nothing(countdown_data, tmp_path):
     from megatron_rspo.config import ConfigError
 

@@ -205,9 +205,10 @@ class RLTrainer:
         gen = torch.Generator().manual_seed(self.run.seed * 7919 + self.state.iteration)  # host: a permutation
         seq = exp.tokens.shape[1] - 1
         rows = self.micro_rows(seq)
+        total = rl.ppo_epochs * rl.num_minibatches
         if self.reuse is not None:
-            self.reuse.new_rollout(rl.ppo_epochs * rl.num_minibatches)
-        stop = False
+            self.reuse.new_rollout(total)
+        stop, done = False, 0
         for _ in range(rl.ppo_epochs):
             if stop:
                 break
@@ -218,6 +219,7 @@ class RLTrainer:
                 step = make_train_step(self.opts, normalizer, self.engine.loss_scale_for(len(micro)))
                 with frozen_router(self.engine.module) if rl.freeze_router else contextlib.nullcontext():
                     res = self.engine.train_step(step, micro, seq, rows)
+                done += 1
                 self._count_skip(res.skipped)
                 for m in res.metrics:
                     el = m.pop("expert_load", None)
@@ -231,6 +233,8 @@ class RLTrainer:
                     log.info("iteration %d: %s", self.state.iteration + 1, self.reuse.last_message)
                     stop = True
                     break
+        if stop:  # the LR schedule follows rollouts: the steps a reuse stop skips still advance it
+            self.engine.scheduler.step(increment=total - done)
         out = _rename_router_stats(acc.result())
         if self.reuse is not None:
             out.update({k: torch.tensor(float(v)) for k, v in self.reuse.stats().items()})
