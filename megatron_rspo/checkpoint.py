@@ -7,6 +7,7 @@ Layout of ``<save>``::
         metadata.json, .metadata, *.distcp, common.pt   # dist_checkpointing (model, optimizer, ...)
         run_config.json                 # every config dataclass of the run
         rng/rank_00000.pt ...           # python/numpy/torch/CUDA/Megatron-tracker RNG, one per rank
+        rank_state/rank_00000.pt ...    # optional per-rank state of the run (e.g. rollouts not yet trained on)
     iter_0000200.tmp-<nonce>/           # a save in progress (or a crashed one: ignored, cleaned later)
 
 Tensors are stored in Megatron's global (layout-independent) form, so a checkpoint written with one
@@ -67,6 +68,7 @@ class LoadResult(NamedTuple):
     extra_state: dict[str, Any]
     path: str = ""
     contents: tuple[str, ...] = ()
+    rank_state: Optional[dict[str, Any]] = None  # this rank's ``rank_state`` from the save, if any
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -84,6 +86,10 @@ def _barrier() -> None:
 
 def _rng_file(path: str) -> str:
     return os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+
+
+def _rank_state_file(path: str) -> str:
+    return os.path.join(path, "rank_state", f"rank_{_rank():05d}.pt")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -196,12 +202,15 @@ def _prune(root: str, current: int, keep_last: int) -> list[int]:
 
 def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optimizer: Any = None,
                     scheduler: Any = None, extra_state: Optional[dict[str, Any]] = None,
-                    configs: Sequence[Any] = (), keep_last: Optional[int] = None, save_rng: bool = True) -> str:
+                    configs: Sequence[Any] = (), keep_last: Optional[int] = None, save_rng: bool = True,
+                    rank_state: Optional[dict[str, Any]] = None) -> str:
     """Save on every rank (collective). Returns the published ``iter_*`` path.
 
     ``configs``: dataclass instances (ModelConfig, ParallelConfig, ...) written to run_config.json.
     ``keep_last``: after publishing, delete all but the newest ``keep_last`` complete checkpoints.
     ``save_rng=False``: no RNG states (a converted model: a run starting from it keeps its own seeds).
+    ``rank_state``: this rank's own state (CPU tensors, numbers, strings, lists and dicts of them), published
+    with the rest; every rank passes one or none does.
     """
     if not dist.is_initialized():
         raise CheckpointError("save_checkpoint needs torch.distributed (call init_distributed first)")
@@ -228,6 +237,8 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
         contents.append("scheduler")
     if save_rng:
         contents.append("rng")
+    if rank_state is not None:
+        contents.append("rank_state")
     state.update(iteration=iteration, extra_state=dict(extra_state or {}), contents=contents,
                  format_version=FORMAT_VERSION, saved_layout=list(rng_state.layout()))
     dist_checkpointing.save(state, tmp)
@@ -235,6 +246,9 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
     if save_rng:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(rng_state.capture(), _rng_file(tmp))
+    if rank_state is not None:
+        os.makedirs(os.path.join(tmp, "rank_state"), exist_ok=True)
+        torch.save(rank_state, _rank_state_file(tmp))
     if _rank() == 0:
         save_json(os.path.join(tmp, RUN_CONFIG_FILE), *configs)
     _barrier()  # every rank's files are in tmp
@@ -371,8 +385,16 @@ def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None
             log.warning("no RNG state for rank %d in %s; RNG not restored", _rank(), path)
         else:
             rng_state.restore(torch.load(file, weights_only=False))
+    rank_state = None
+    if "rank_state" in contents:
+        file = _rank_state_file(path)
+        if os.path.isfile(file):  # plain data only: no code runs on load
+            rank_state = torch.load(file, weights_only=True)
+        else:
+            log.warning("no rank state for rank %d in %s (saved with another world size?)", _rank(), path)
     _barrier()
-    return LoadResult(int(common.get("iteration", 0)), dict(common.get("extra_state", {})), path, contents)
+    return LoadResult(int(common.get("iteration", 0)), dict(common.get("extra_state", {})), path, contents,
+                      rank_state)
 
 
 __all__ = [

@@ -8,8 +8,9 @@ import torch
 from conftest import tensorboard_scalars
 
 from megatron_rspo.rl import trainer
-from megatron_rspo.rl.async_rollout import RolloutQueue
+from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
 from megatron_rspo.rl.dynamic_sampling import informative_groups, overlong_penalty, truncated
+from megatron_rspo.rl.experience import Experience
 
 
 class _Engine:
@@ -53,6 +54,37 @@ def test_queue_reraises_generation_errors():
     assert q.get(0) == 0
     with pytest.raises(ValueError, match="engine died"):
         q.wait()
+
+
+def _exp(version: int) -> Experience:
+    return Experience(tokens=torch.arange(6).reshape(2, 3), response_mask=torch.ones(2, 2),
+                      advantages=torch.tensor([0.5, -0.5]), rewards=torch.tensor([1.0, 0.0]),
+                      rollout_logp=torch.full((2, 2), -0.25), weight_version=version)
+
+
+def test_pending_rollouts_survive_a_checkpoint_round_trip(tmp_path):
+    """What the checkpoint holds (plain CPU data, loadable with weights_only) restores the same rollouts in
+    the same queue slots; a resumed schedule with a smaller --max-staleness drops the ones it cannot train
+    on, with every later one, and rewinds the stream to regenerate them."""
+    q = RolloutQueue(lambda i: None, 2, overlap=False, position=lambda: 0)
+    q.restore([(5, (_exp(3), {"reward/_sum": torch.tensor(1.0), "rollout/filter_rounds": 1.0}), 40),
+               (6, (_exp(4), {"reward/_sum": torch.tensor(2.0)}), 44)])
+    torch.save(pending_state(q, stream_position=48), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    produced = []
+    back = RolloutQueue(produced.append, 2, False, lambda: 0)
+    assert restore_pending(back, state, iteration=5, device=torch.device("cpu")) == 48
+    for index, version in ((5, 3), (6, 4)):
+        exp, stats = back.ready[index][0]
+        want = q.ready[index][0][0]
+        assert exp.weight_version == version and exp.old_logp is None
+        assert all(torch.equal(getattr(exp, f), getattr(want, f)) for f in ("tokens", "rollout_logp", "rewards"))
+        assert torch.equal(stats["reward/_sum"], q.ready[index][0][1]["reward/_sum"])
+    assert back.get(5)[0].weight_version == 3 and produced == [7]  # only the next one is generated
+
+    tight = RolloutQueue(lambda i: None, 1, False, lambda: 0)  # rollout 5 (version 3) is 2 versions old
+    assert restore_pending(tight, state, iteration=5, device=torch.device("cpu")) == 40 and not tight.ready
 
 
 def test_dynamic_sampling_functions():
@@ -139,6 +171,19 @@ def test_our_extensions_run_through_the_trainer(countdown_data, tmp_path):
                               "token_gm", "--adaptive-reuse", "--ppo-epochs", "2"))
     assert 0.8 <= last["router/gamma_min"] <= 1.0
     assert last["reuse/steps_run"] >= 1 and last["reuse/skipped_steps"] >= 0
+
+
+def test_reuse_stops_keep_the_lr_schedule_on_rollouts(countdown_data, tmp_path, monkeypatch):
+    """Every rollout stops after its first of 2 x 2 steps; the cosine schedule still ends where the run's
+    12 planned steps put it, so a stop changes how many steps a rollout gets, not the later rollouts' LR."""
+    from megatron_rspo.rl.reuse import ReuseController
+
+    monkeypatch.setattr(ReuseController, "should_stop", lambda self, stats: True)
+    seen = {}
+    train = trainer.RLTrainer.train
+    monkeypatch.setattr(trainer.RLTrainer, "train", lambda self: seen.setdefault("t", self) and train(self))
+    trainer.main(_args(countdown_data, tmp_path, "--rl-algorithm", "rspo", "--adaptive-reuse", "--ppo-epochs", "2"))
+    assert seen["t"].engine.scheduler.num_steps == 3 * 2 * 2
 
 
 def test_token_gm_is_refused_where_it_means_nothing(countdown_data, tmp_path):

@@ -116,6 +116,17 @@ def test_rng_restored(dist_env, tmp_path):
     _assert_same_draws(_draws(), expected)
 
 
+def test_rank_state_round_trip(dist_env, tmp_path):
+    model = _engine().module
+    state = {"stream_position": 7, "pending": [{"index": 3, "experience": {"tokens": torch.arange(4)}}]}
+    ckpt.save_checkpoint(str(tmp_path / "a"), 1, model, configs=(MODEL,), rank_state=state)
+    got = ckpt.load_checkpoint(str(tmp_path / "a"), model)
+    assert "rank_state" in got.contents and got.rank_state["stream_position"] == 7
+    assert torch.equal(got.rank_state["pending"][0]["experience"]["tokens"], torch.arange(4))
+    ckpt.save_checkpoint(str(tmp_path / "b"), 1, model, configs=(MODEL,))
+    assert ckpt.load_checkpoint(str(tmp_path / "b"), model).rank_state is None
+
+
 def test_crash_mid_save_keeps_previous(dist_env, tmp_path, monkeypatch):
     model = _engine().module
     ckpt.save_checkpoint(str(tmp_path), 1, model, configs=(MODEL,), extra_state={"it": 1})

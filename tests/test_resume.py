@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import tensorboard_scalars
 
 ITERS = 6
@@ -33,14 +34,19 @@ def scalars(tb) -> dict[tuple[str, int], float]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(countdown_data, tmp_path):
-    data = countdown_data
-    subprocess.run(command(data, tmp_path / "a", tmp_path / "tb_a"), check=True, env=ENV, timeout=600,
+# Off-policy: the rollout generated ahead with the older weights is in the checkpoint, so the resumed run
+# trains on the same samples as the uninterrupted one (without it, it would generate them anew).
+@pytest.mark.parametrize("schedule", [(), ("--async-rollout", "--max-staleness", "1")], ids=["sync", "one_step_off"])
+def test_sigkill_then_resume_matches_uninterrupted_run(countdown_data, tmp_path, schedule):
+    def cmd(save, tb, *extra: str) -> list[str]:
+        return command(countdown_data, save, tb, *schedule, *extra)
+
+    subprocess.run(cmd(tmp_path / "a", tmp_path / "tb_a"), check=True, env=ENV, timeout=600,
                    stdout=subprocess.DEVNULL)
     reference = scalars(tmp_path / "tb_a")
 
     save_b = tmp_path / "b"
-    proc = subprocess.Popen(command(data, save_b, tmp_path / "tb_b1"), env=ENV, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd(save_b, tmp_path / "tb_b1"), env=ENV, stdout=subprocess.DEVNULL)
     tracker = save_b / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -53,7 +59,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(countdown_data, tmp_path)
     killed_at = int(tracker.read_text())
     assert killed_at == 2
 
-    subprocess.run(command(data, save_b, tmp_path / "tb_b2", "--load", str(save_b)), check=True, env=ENV,
+    subprocess.run(cmd(save_b, tmp_path / "tb_b2", "--load", str(save_b)), check=True, env=ENV,
                    timeout=600, stdout=subprocess.DEVNULL)
     resumed = scalars(tmp_path / "tb_b2")
     after = {k: v for k, v in reference.items() if k[1] > killed_at}

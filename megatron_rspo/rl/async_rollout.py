@@ -23,6 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+import torch
+
+from megatron_rspo.rl.experience import Experience
+
 
 class RolloutQueue:
     def __init__(self, produce: Callable[[int], Any], staleness: int, overlap: bool,
@@ -82,6 +86,43 @@ class RolloutQueue:
             raise err
 
     def resume_position(self, default: int) -> int:
-        """The data-stream position to checkpoint: before the oldest rollout generated but not yet trained on
-        (a resumed run generates those again, with its current weights)."""
+        """The data-stream position before the oldest rollout generated but not yet trained on: where a resumed
+        run that cannot restore those rollouts (another world size or schedule) generates them again."""
         return min((pos for _, pos in self.ready.values()), default=default)
+
+    def pending(self) -> list[tuple[int, Any, int]]:
+        """(index, rollout, stream position before it) of the rollouts generated but not yet trained on."""
+        if self._thread is not None:
+            raise RuntimeError("a generation is in flight: wait() before reading the pending rollouts")
+        return [(i, *self.ready[i]) for i in sorted(self.ready)]
+
+    def restore(self, items: list[tuple[int, Any, int]]) -> None:
+        for index, rollout, position in items:
+            self.ready[index] = (rollout, position)
+
+
+# ------------------------------------------------------------------ exact resume
+def pending_state(queue: RolloutQueue, stream_position: int) -> dict[str, Any]:
+    """This rank's pending rollouts as plain CPU data for the checkpoint, so a resumed run trains on the very
+    samples (generated with the older weights) that the uninterrupted run would have."""
+    return {"stream_position": stream_position,
+            "pending": [{"index": i, "position": pos, "experience": exp.state_dict(),
+                         "stats": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in stats.items()}}
+                        for i, (exp, stats), pos in queue.pending()]}
+
+
+def restore_pending(queue: RolloutQueue, state: dict[str, Any], iteration: int, device: torch.device) -> int:
+    """Put the checkpoint's pending rollouts back into ``queue``; returns the stream position to resume from
+    (after them). Rollouts the resumed schedule cannot use (older than its --max-staleness,
+    or already behind ``iteration``) are dropped with every later one, and the stream rewinds to the first
+    dropped, which is generated again."""
+    items = sorted(state.get("pending", []), key=lambda it: it["index"])
+    keep = []
+    for it in items:
+        exp = Experience.from_state_dict(it["experience"], device)
+        if it["index"] < iteration or it["index"] - exp.weight_version > queue.staleness:
+            break
+        stats = {k: v.to(device) if torch.is_tensor(v) else v for k, v in it["stats"].items()}
+        keep.append((it["index"], (exp, stats), it["position"]))
+    queue.restore(keep)
+    return state["stream_position"] if len(keep) == len(items) else items[len(keep)]["position"]

@@ -8,7 +8,7 @@ training forward over ``tokens[:, :-1]`` uses ``routing_ids[:, :-1]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -53,6 +53,15 @@ class Experience:
             else:
                 out[f.name] = values[0]
         return cls(**out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint: the fields that are set, tensors copied to the CPU."""
+        return {f.name: v.detach().cpu() if torch.is_tensor(v) else v for f in fields(self)
+                if (v := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> Experience:
+        return cls(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()})
 
     def trimmed(self) -> Experience:
         """Drop trailing columns that are padding in every row (cheaper forwards, same results)."""

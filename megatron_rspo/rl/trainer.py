@@ -36,7 +36,7 @@ from megatron_rspo.evaluation import evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
-from megatron_rspo.rl.async_rollout import RolloutQueue
+from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
 from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
 from megatron_rspo.rl.config import RLConfig, effective_model_config, validate_rl_run
 from megatron_rspo.rl.experience import Experience, minibatches
@@ -117,6 +117,7 @@ class RLTrainer:
             layout=self.layout, fused_logprobs=rl.fused_logprobs, logprob_chunk_tokens=rl.logprob_chunk_tokens,
         )
         self.ref: ReferencePolicy | None = None
+        self.resume_rank_state: dict | None = None  # --load: this rank's rollouts generated but not trained on
         self._load()
         # Weight version = the number of update rounds the weights have seen (= the iteration).
         self.rollout_engine = build_rollout_engine(rl, run, self.engine.module, self.model_cfg, self.tok.eos_id,
@@ -131,6 +132,9 @@ class RLTrainer:
         self.queue = RolloutQueue(lambda index: collect_rollout(self.rollouts, index),
                                   rl.max_staleness if rl.async_rollout else 0, overlap,
                                   position=lambda: self.stream.position)
+        if self.resume_rank_state and rl.async_rollout:  # exact resume of the off-policy schedule
+            self.stream.position = restore_pending(self.queue, self.resume_rank_state, self.state.iteration,
+                                                   self.device)
         self.consecutive_skips = 0
         self.reuse = ReuseController(window=rl.reuse_window, k=rl.reuse_sigmas, min_history=min(10, rl.reuse_window),
                                      by_position=rl.reuse_by_position) if rl.adaptive_reuse else None
@@ -149,10 +153,12 @@ class RLTrainer:
         if self.rl.kl_coeff > 0:
             self.ref = ReferencePolicy(self.model_cfg, self.par, self.engine.module)
         if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
-            extra = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
-                                               self.engine.scheduler, model_config=self.model_cfg).extra_state
+            loaded = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
+                                                self.engine.scheduler, model_config=self.model_cfg)
+            extra = loaded.extra_state
             keys = ("iteration", "data_position", "collapse", "skipped_steps", "reuse")
             self.state = RLState(**{k: extra[k] for k in keys if k in extra})
+            self.resume_rank_state = loaded.rank_state
             if self.state.collapse:
                 self.collapse.load_state_dict(self.state.collapse)
             log.info("resumed RL from %s at iteration %d", self.run.load, self.state.iteration)
@@ -199,9 +205,10 @@ class RLTrainer:
         gen = torch.Generator().manual_seed(self.run.seed * 7919 + self.state.iteration)  # host: a permutation
         seq = exp.tokens.shape[1] - 1
         rows = self.micro_rows(seq)
+        total = rl.ppo_epochs * rl.num_minibatches
         if self.reuse is not None:
-            self.reuse.new_rollout(rl.ppo_epochs * rl.num_minibatches)
-        stop = False
+            self.reuse.new_rollout(total)
+        stop, done = False, 0
         for _ in range(rl.ppo_epochs):
             if stop:
                 break
@@ -212,6 +219,7 @@ class RLTrainer:
                 step = make_train_step(self.opts, normalizer, self.engine.loss_scale_for(len(micro)))
                 with frozen_router(self.engine.module) if rl.freeze_router else contextlib.nullcontext():
                     res = self.engine.train_step(step, micro, seq, rows)
+                done += 1
                 self._count_skip(res.skipped)
                 for m in res.metrics:
                     el = m.pop("expert_load", None)
@@ -225,6 +233,8 @@ class RLTrainer:
                     log.info("iteration %d: %s", self.state.iteration + 1, self.reuse.last_message)
                     stop = True
                     break
+        if stop:  # the LR schedule follows rollouts: the steps a reuse stop skips still advance it
+            self.engine.scheduler.step(increment=total - done)
         out = _rename_router_stats(acc.result())
         if self.reuse is not None:
             out.update({k: torch.tensor(float(v)) for k, v in self.reuse.stats().items()})
@@ -309,8 +319,10 @@ class RLTrainer:
         extra = {"iteration": self.state.iteration, "data_position": self.state.data_position,
                  "collapse": self.collapse.state_dict(), "skipped_steps": self.state.skipped_steps,
                  "reuse": self.reuse.state_dict() if self.reuse is not None else None}
+        # The off-policy schedule's rollouts generated ahead (with older weights) travel with the checkpoint.
+        pending = pending_state(self.queue, self.stream.position) if self.rl.async_rollout else None
         checkpoint.save_checkpoint(self.run.save, self.state.iteration, self.engine.module, self.engine.optimizer,
-                                   self.engine.scheduler, extra_state=extra,
+                                   self.engine.scheduler, extra_state=extra, rank_state=pending,
                                    configs=(self.model_cfg, self.par, self.opt, self.run, self.rl),
                                    keep_last=self.run.keep_last)
 
