@@ -84,12 +84,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rng_file(path: str) -> str:
-    return os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+def _rank_file(path: str, folder: str) -> str:
+    """This rank's file in a per-rank folder of a checkpoint (``rng``, ``rank_state``)."""
+    return os.path.join(path, folder, f"rank_{_rank():05d}.pt")
 
 
-def _rank_state_file(path: str) -> str:
-    return os.path.join(path, "rank_state", f"rank_{_rank():05d}.pt")
+def _save_rank_file(path: str, folder: str, obj: Any) -> None:
+    os.makedirs(os.path.join(path, folder), exist_ok=True)
+    torch.save(obj, _rank_file(path, folder))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -244,11 +246,9 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
     dist_checkpointing.save(state, tmp)
 
     if save_rng:
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(rng_state.capture(), _rng_file(tmp))
+        _save_rank_file(tmp, "rng", rng_state.capture())
     if rank_state is not None:
-        os.makedirs(os.path.join(tmp, "rank_state"), exist_ok=True)
-        torch.save(rank_state, _rank_state_file(tmp))
+        _save_rank_file(tmp, "rank_state", rank_state)
     if _rank() == 0:
         save_json(os.path.join(tmp, RUN_CONFIG_FILE), *configs)
     _barrier()  # every rank's files are in tmp
@@ -380,14 +380,14 @@ def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None
         scheduler.num_steps = 0  # load_state_dict steps the scheduler forward by the saved count
         scheduler.load_state_dict(common["scheduler"])
     if load_rng and "rng" in contents:
-        file = _rng_file(path)
+        file = _rank_file(path, "rng")
         if not os.path.isfile(file):
             log.warning("no RNG state for rank %d in %s; RNG not restored", _rank(), path)
         else:
             rng_state.restore(torch.load(file, weights_only=False))
     rank_state = None
     if "rank_state" in contents:
-        file = _rank_state_file(path)
+        file = _rank_file(path, "rank_state")
         if os.path.isfile(file):  # plain data only: no code runs on load
             rank_state = torch.load(file, weights_only=True)
         else:

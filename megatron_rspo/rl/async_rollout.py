@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_rspo.rl.experience import Experience
+from megatron_rspo.rl.experience import Experience, tensors_to
 
 
 class RolloutQueue:
@@ -107,7 +107,7 @@ def pending_state(queue: RolloutQueue, stream_position: int) -> dict[str, Any]:
     samples (generated with the older weights) that the uninterrupted run would have."""
     return {"stream_position": stream_position,
             "pending": [{"index": i, "position": pos, "experience": exp.state_dict(),
-                         "stats": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in stats.items()}}
+                         "stats": tensors_to(stats, "cpu")}
                         for i, (exp, stats), pos in queue.pending()]}
 
 
@@ -122,7 +122,6 @@ def restore_pending(queue: RolloutQueue, state: dict[str, Any], iteration: int, 
         exp = Experience.from_state_dict(it["experience"], device)
         if it["index"] < iteration or it["index"] - exp.weight_version > queue.staleness:
             break
-        stats = {k: v.to(device) if torch.is_tensor(v) else v for k, v in it["stats"].items()}
-        keep.append((it["index"], (exp, stats), it["position"]))
+        keep.append((it["index"], (exp, tensors_to(it["stats"], device)), it["position"]))
     queue.restore(keep)
     return state["stream_position"] if len(keep) == len(items) else items[len(keep)]["position"]

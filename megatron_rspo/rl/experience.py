@@ -56,12 +56,11 @@ class Experience:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint: the fields that are set, tensors copied to the CPU."""
-        return {f.name: v.detach().cpu() if torch.is_tensor(v) else v for f in fields(self)
-                if (v := getattr(self, f.name)) is not None}
+        return tensors_to({f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}, "cpu")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> Experience:
-        return cls(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()})
+        return cls(**tensors_to(state, device))
 
     def trimmed(self) -> Experience:
         """Drop trailing columns that are padding in every row (cheaper forwards, same results)."""
@@ -105,6 +104,11 @@ class Experience:
             raise ValueError(f"{n} rows do not split into {parts} equal parts")
         size = n // parts
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+
+def tensors_to(values: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """``values`` with its tensors (detached) on ``device``; other values as they are."""
+    return {k: v.detach().to(device) if torch.is_tensor(v) else v for k, v in values.items()}
 
 
 def _pad_to(exp: Experience, width: int, pad_id: int) -> Experience:

@@ -117,8 +117,7 @@ class RLTrainer:
             layout=self.layout, fused_logprobs=rl.fused_logprobs, logprob_chunk_tokens=rl.logprob_chunk_tokens,
         )
         self.ref: ReferencePolicy | None = None
-        self.resume_rank_state: dict | None = None  # --load: this rank's rollouts generated but not trained on
-        self._load()
+        pending = self._load()  # --load: this rank's rollouts generated but not yet trained on (or None)
         # Weight version = the number of update rounds the weights have seen (= the iteration).
         self.rollout_engine = build_rollout_engine(rl, run, self.engine.module, self.model_cfg, self.tok.eos_id,
                                                    version=self.state.iteration)
@@ -132,9 +131,8 @@ class RLTrainer:
         self.queue = RolloutQueue(lambda index: collect_rollout(self.rollouts, index),
                                   rl.max_staleness if rl.async_rollout else 0, overlap,
                                   position=lambda: self.stream.position)
-        if self.resume_rank_state and rl.async_rollout:  # exact resume of the off-policy schedule
-            self.stream.position = restore_pending(self.queue, self.resume_rank_state, self.state.iteration,
-                                                   self.device)
+        if pending and rl.async_rollout:  # exact resume of the off-policy schedule
+            self.stream.position = restore_pending(self.queue, pending, self.state.iteration, self.device)
         self.consecutive_skips = 0
         self.reuse = ReuseController(window=rl.reuse_window, k=rl.reuse_sigmas, min_history=min(10, rl.reuse_window),
                                      by_position=rl.reuse_by_position) if rl.adaptive_reuse else None
@@ -143,9 +141,10 @@ class RLTrainer:
         self.metrics = MetricsLogger(run.tensorboard_dir)
 
     # ------------------------------------------------------------------ set-up
-    def _load(self) -> None:
+    def _load(self) -> dict | None:
         """Initial weights (--init-from, else the seeded initialisation), then the KL reference as a copy
-        of them, then, when resuming (--load), the run's full state: the reference stays the initial policy."""
+        of them, then, when resuming (--load), the run's full state: the reference stays the initial policy.
+        Returns the checkpoint's per-rank state (the off-policy schedule's pending rollouts), if any."""
         if self.rl.init_from:
             checkpoint.load_checkpoint(self.rl.init_from, self.engine.module, load_rng=False,
                                        model_config=self.model_cfg)
@@ -158,10 +157,11 @@ class RLTrainer:
             extra = loaded.extra_state
             keys = ("iteration", "data_position", "collapse", "skipped_steps", "reuse")
             self.state = RLState(**{k: extra[k] for k in keys if k in extra})
-            self.resume_rank_state = loaded.rank_state
             if self.state.collapse:
                 self.collapse.load_state_dict(self.state.collapse)
             log.info("resumed RL from %s at iteration %d", self.run.load, self.state.iteration)
+            return loaded.rank_state
+        return None
 
     def micro_rows(self, forward_length: int) -> int:
         """Rows per micro-batch, the same in the old-policy, reference and training passes:
@@ -208,7 +208,7 @@ class RLTrainer:
         total = rl.ppo_epochs * rl.num_minibatches
         if self.reuse is not None:
             self.reuse.new_rollout(total)
-        stop, done = False, 0
+        stop = False
         for _ in range(rl.ppo_epochs):
             if stop:
                 break
@@ -219,7 +219,6 @@ class RLTrainer:
                 step = make_train_step(self.opts, normalizer, self.engine.loss_scale_for(len(micro)))
                 with frozen_router(self.engine.module) if rl.freeze_router else contextlib.nullcontext():
                     res = self.engine.train_step(step, micro, seq, rows)
-                done += 1
                 self._count_skip(res.skipped)
                 for m in res.metrics:
                     el = m.pop("expert_load", None)
@@ -234,7 +233,7 @@ class RLTrainer:
                     stop = True
                     break
         if stop:  # the LR schedule follows rollouts: the steps a reuse stop skips still advance it
-            self.engine.scheduler.step(increment=total - done)
+            self.engine.scheduler.step(increment=total - self.reuse.steps_run)
         out = _rename_router_stats(acc.result())
         if self.reuse is not None:
             out.update({k: torch.tensor(float(v)) for k, v in self.reuse.stats().items()})
