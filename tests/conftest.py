@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """A script of the repository (``benchmarks/x.py``, ``tools/y.py``) as a module named by its stem,
+    registered in sys.modules (dataclasses resolve their module by name)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -178,7 +178,8 @@ def test_reuse_stops_keep_the_lr_schedule_on_rollouts(countdown_data, tmp_path, 
     12 planned steps put it, so a stop changes how many steps a rollout gets, not the later rollouts' LR."""
     from megatron_rspo.rl.reuse import ReuseController
 
-    monkeypatch.setattr(ReuseController, "should_stop", lambda self, stats: True)
+    record = ReuseController.should_stop  # the step is recorded, then the rollout stops regardless
+    monkeypatch.setattr(ReuseController, "should_stop", lambda self, stats: record(self, stats) or True)
     seen = {}
     train = trainer.RLTrainer.train
     monkeypatch.setattr(trainer.RLTrainer, "train", lambda self: seen.setdefault("t", self) and train(self))

@@ -4,22 +4,15 @@ differences, both tables, the plot and the doc from synthetic run summaries."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "router_shift_sweep.py")
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sw():
-    spec = importlib.util.spec_from_file_location("router_shift_sweep", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["router_shift_sweep"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/router_shift_sweep.py")
 
 
 def parse(sw, *extra):

@@ -4,7 +4,6 @@ and the subprocess executor on stub commands."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,16 +11,12 @@ import sys
 import types
 
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "stability_countdown.py")
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sc():
-    spec = importlib.util.spec_from_file_location("stability_countdown", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["stability_countdown"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)  # puts benchmarks/ on sys.path: its studylib package is importable
+    mod = load_script("benchmarks/stability_countdown.py")  # puts benchmarks/ on sys.path: studylib importable
     from studylib import analysis, plots, runs
 
     # one namespace over the script and the library it is built from

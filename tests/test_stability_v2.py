@@ -4,25 +4,18 @@ with some of them missing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import statistics
-import sys
 
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "stability_v2.py")
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sv():
-    spec = importlib.util.spec_from_file_location("stability_v2", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["stability_v2"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/stability_v2.py")
 
 
 def parse(sv, *extra):

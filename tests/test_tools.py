@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_plot_metrics_writes_pngs(tmp_path):
@@ -28,7 +19,7 @@ def test_plot_metrics_writes_pngs(tmp_path):
             w.add_scalar("router/shift_layer_0", 0.01 * step, step)
             w.add_scalar("router/shift_layer_1", 0.02 * step, step)
         w.close()
-    plot_metrics = load("tools/plot_metrics.py")
+    plot_metrics = load_script("tools/plot_metrics.py")
     assert plot_metrics.read_scalars(str(tmp_path / "rspo"))["reward/mean"][0] == [1, 2, 3, 4, 5]
     written = plot_metrics.main([str(tmp_path / "rspo"), f"GRPO={tmp_path / 'grpo'}", "--out", str(tmp_path / "png")])
     assert [Path(p).name for p in written] == ["curves.png", "router_shift_per_layer.png"]
@@ -37,7 +28,7 @@ def test_plot_metrics_writes_pngs(tmp_path):
 
 
 def test_overhead_benchmark_runs(tmp_path):
-    overhead = load("benchmarks/overhead.py")
+    overhead = load_script("benchmarks/overhead.py")
     results = overhead.main(["--shapes", "small E=8", "--rows", "4", "--seq", "16", "--repeats", "1",
                              "--out", str(tmp_path / "o.md")])
     assert results[0]["rspo_ms"] > 0 and results[0]["ratio"] > 0
@@ -47,7 +38,7 @@ def test_overhead_benchmark_runs(tmp_path):
 
 def test_gpu_step_benchmark_smoke(monkeypatch, capsys):
     """benchmarks/gpu_step.py (run by tools/gpu_check.sh) on toy sizes: the same code path on the CPU."""
-    gpu_step = load("benchmarks/gpu_step.py")
+    gpu_step = load_script("benchmarks/gpu_step.py")
     monkeypatch.setattr(sys, "argv", ["gpu_step.py", "--smoke"])
     gpu_step.main()
     out = capsys.readouterr().out
