@@ -113,6 +113,9 @@ class ParallelConfig:
     overlap_grad_reduce: bool = arg(False, "Overlap the DDP gradient reduction with the backward pass.")
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next "
                                             "forward pass (needs --use-distributed-optimizer).")
+    distributed_timeout_minutes: int = arg(60, "Timeout of torch.distributed collectives (NCCL's watchdog), in "
+                                               "minutes. Ranks wait in a collective while one rank generates a "
+                                               "rollout, evaluates or saves: NCCL's own 10 minutes are too short.")
 
     def expert_tp(self) -> int:
         """The expert tensor-parallel size in effect."""

@@ -8,10 +8,10 @@ whether the run will be on CUDA, for the flags that need it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import TYPE_CHECKING, Optional
 
+from megatron_rspo.capabilities import probe
 from megatron_rspo.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -28,17 +28,13 @@ def cuda_default(cuda: Optional[bool]) -> bool:
     return torch.cuda.is_available()
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def uses_transformer_engine(model: ModelConfig, cuda: bool) -> bool:
-    """Mirrors ``model.provider.use_transformer_engine`` without importing Megatron."""
+    """The spec the run will use (``Capabilities.use_transformer_engine`` for a run on ``cuda`` or not)."""
     if model.transformer_impl == "local":
         return False
     if model.transformer_impl == "transformer_engine":
         return True
-    return cuda and _installed("transformer_engine")
+    return cuda and probe().transformer_engine is not None
 
 
 def raise_errors(errors: list[str], what: str = "invalid configuration") -> None:
@@ -66,7 +62,8 @@ def model_parallel_errors(model: ModelConfig, parallel: ParallelConfig, world_si
              ("--num-query-groups", model.num_query_groups), ("--kv-channels", model.kv_channels),
              ("--expert-tensor-parallel-size", parallel.expert_tensor_parallel_size),
              ("--max-position-embeddings", model.max_position_embeddings),
-             ("--moe-layer-freq", model.moe_layer_freq), ("--recompute-num-layers", model.recompute_num_layers))
+             ("--moe-layer-freq", model.moe_layer_freq), ("--recompute-num-layers", model.recompute_num_layers),
+             ("--distributed-timeout-minutes", parallel.distributed_timeout_minutes))
     _at_least(errors, sizes, 1)
     _at_least(errors, (("--vocab-size", model.vocab_size), ("--moe-aux-loss-coeff", model.moe_aux_loss_coeff)), 0)
     for name, p in (("--hidden-dropout", model.hidden_dropout), ("--attention-dropout", model.attention_dropout)):
@@ -163,17 +160,23 @@ def _recompute_errors(model: ModelConfig, pp: int) -> list[str]:
 
 
 def _implementation_errors(model: ModelConfig, cuda: bool) -> list[str]:
+    """Flags that need a package or CUDA which this machine lacks (the capability probe decides)."""
+    caps = probe()
     errors = []
-    if model.transformer_impl == "transformer_engine" and not _installed("transformer_engine"):
-        errors.append("--transformer-impl transformer_engine, but transformer-engine is not installed")
+    if model.transformer_impl == "transformer_engine":
+        if caps.transformer_engine is None:
+            errors.append("--transformer-impl transformer_engine needs the transformer-engine package "
+                          "(pip install -e '.[gpu]'), which does not import here")
+        elif not cuda:
+            errors.append("--transformer-impl transformer_engine needs CUDA (transformer-engine has no CPU kernels)")
     if model.moe_grouped_gemm:
         if not cuda:
             errors.append("--moe-grouped-gemm needs CUDA: its kernels (TransformerEngine's GroupedLinear, or the "
                           "grouped_gemm package behind Megatron's GroupedMLP) are CUDA-only")
-        elif not uses_transformer_engine(model, cuda) and not _installed("grouped_gemm"):
-            errors.append("--moe-grouped-gemm with the local transformer implementation needs the grouped_gemm "
-                          "package (pip install git+https://github.com/fanshiqing/grouped_gemm@v1.1.4), or use "
-                          "transformer-engine (--transformer-impl transformer_engine)")
+        elif not uses_transformer_engine(model, cuda) and not caps.grouped_gemm:
+            errors.append("--moe-grouped-gemm without transformer-engine needs the grouped_gemm package (Megatron's "
+                          "GroupedMLP; pip install git+https://github.com/fanshiqing/grouped_gemm@v1.1.4), which "
+                          "does not import here; or install transformer-engine (its TEGroupedMLP)")
     return errors
 
 

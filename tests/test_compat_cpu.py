@@ -1,29 +1,36 @@
-"""Each CPU patch of megatron_rspo.compat.cpu is applied, idempotent, and does its job."""
+"""Each patch of megatron_rspo.compat.cpu is applied where its condition holds, idempotent, and does its job."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from megatron_rspo.capabilities import Capabilities
 from megatron_rspo.compat import cpu
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches apply only without CUDA")
 
 
+def _caps(**kw) -> Capabilities:
+    base = dict(cuda=False, transformer_engine=None, apex=False, fused_layer_norm=False, persist_layer_norm=False,
+                masked_softmax=False, wgrad_fusion=False, grouped_gemm=False)
+    return Capabilities(**{**base, **kw})
+
+
 def test_every_patch_applied_and_idempotent():
-    names = cpu.apply_cpu_patches()
+    names = cpu.apply_compat_patches()
     assert names == sorted(cpu.PATCHES)
-    assert cpu.apply_cpu_patches() == names  # second call changes nothing
+    assert cpu.apply_compat_patches() == names  # second call changes nothing
     assert all(cpu._APPLIED[n] for n in names)
 
 
 def test_current_device_is_cpu():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
 
 
 def test_rng_tracker_forks_cpu_generator_reproducibly():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     from megatron.core.tensor_parallel import random as mrandom
 
     tracker = mrandom.get_cuda_rng_tracker()
@@ -47,7 +54,7 @@ def test_rng_tracker_forks_cpu_generator_reproducibly():
 
 
 def test_te_general_gemm_defined_and_router_linear_runs():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     from megatron.core.transformer.moe import moe_utils
 
     assert moe_utils.te_general_gemm is None
@@ -56,7 +63,7 @@ def test_te_general_gemm_defined_and_router_linear_runs():
 
 
 def test_cuda_literals_map_to_cpu():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     from megatron.core.transformer.utils import get_default_causal_mask
 
     mask = get_default_causal_mask(4)
@@ -68,7 +75,7 @@ def test_cuda_literals_map_to_cpu():
 
 
 def test_clip_grad_by_total_norm_scales_cpu_grads():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     from megatron.core.optimizer import clip_grads
 
     p = torch.nn.Parameter(torch.zeros(3))
@@ -80,18 +87,22 @@ def test_clip_grad_by_total_norm_scales_cpu_grads():
 
 
 def test_synchronize_is_noop():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
 
 
-def test_patches_skipped_when_cuda_present(monkeypatch):
-    monkeypatch.setattr(cpu, "cuda_available", lambda: True)
-    assert cpu.apply_cpu_patches() == []
+def test_which_patches_a_cuda_machine_gets():
+    """With CUDA only the shims for missing packages remain: te_general_gemm where TE is absent (a GPU node
+    without TE would otherwise hit NameError in every router forward), the SP-aware torch norm always."""
+    shims = ["sequence_parallel_torch_norm", "te_general_gemm_none"]
+    assert cpu.patches_for(_caps(cuda=True)) == shims
+    assert cpu.patches_for(_caps(cuda=True, transformer_engine="2.8.0", apex=True, fused_layer_norm=True)) == shims
+    assert cpu.patches_for(_caps(cuda=False)) == sorted(cpu.PATCHES)
 
 
 def test_torch_norm_accepts_sequence_parallel_and_marks_params():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -108,7 +119,7 @@ def test_torch_norm_accepts_sequence_parallel_and_marks_params():
 
 
 def test_alltoall_dispatcher_needs_no_cuda_stream_and_gets_numpy_splits():
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     assert isinstance(MoEAlltoAllTokenDispatcher.cuda_dtoh_stream, cpu._NoStream)
@@ -128,7 +139,7 @@ def test_recompute_runs_without_a_cuda_generator():
     CheckpointFunction saves itself, replays dropout (exact grads: tests/test_perf_flags.py)."""
     from megatron.core.tensor_parallel import random as mrandom
 
-    cpu.apply_cpu_patches()
+    cpu.apply_compat_patches()
     state = mrandom._get_cuda_rng_state()
     assert torch.is_tensor(state) and state.numel() == 0
     assert mrandom._set_cuda_rng_state(state) is None

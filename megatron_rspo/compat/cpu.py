@@ -1,8 +1,10 @@
-"""Every CPU/gloo patch of megatron-core, in one place.
+"""Every patch of megatron-core, in one place: its CPU/gloo workarounds and its shims for missing packages.
 
-Written against megatron-core 0.16.1. Each patch is a named function, applied only when CUDA is
-absent (``apply_cpu_patches`` is a no-op on a GPU machine), idempotent, and covered by
-``tests/test_compat_cpu.py``. No other module of megatron_rspo patches Megatron or torch.
+Written against megatron-core 0.16.1. Each patch is a named function with the condition under which it
+applies, read from the capability probe (``megatron_rspo.capabilities``): most apply only without CUDA;
+two are shims for what a CUDA machine may lack too (transformer-engine's ``te_general_gemm``, a
+sequence-parallel torch norm where apex's fused norm is not used). Patches are idempotent and covered
+by ``tests/test_compat_cpu.py``. No other module of megatron_rspo patches Megatron or torch.
 """
 
 from __future__ import annotations
@@ -13,16 +15,29 @@ import importlib
 import logging
 import types
 from collections.abc import Callable
+from typing import Optional
 
 import torch
+
+from megatron_rspo.capabilities import Capabilities, probe
 
 log = logging.getLogger(__name__)
 
 _APPLIED: dict[str, bool] = {}
 
 
-def _patch(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    """Register a patch function under ``name``; applying it twice is a no-op."""
+def _without_cuda(caps: Capabilities) -> bool:
+    return not caps.cuda
+
+
+def _always(caps: Capabilities) -> bool:
+    return True
+
+
+def _patch(name: str, when: Callable[[Capabilities], bool] = _without_cuda
+           ) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Register a patch function under ``name``, applied where ``when(capabilities)``; applying it twice is a
+    no-op."""
 
     def deco(fn: Callable[[], None]) -> Callable[[], None]:
         def wrapped() -> None:
@@ -34,12 +49,14 @@ def _patch(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
         wrapped.__name__ = fn.__name__
         wrapped.__doc__ = fn.__doc__
         PATCHES[name] = wrapped
+        CONDITIONS[name] = when
         return wrapped
 
     return deco
 
 
 PATCHES: dict[str, Callable[[], None]] = {}
+CONDITIONS: dict[str, Callable[[Capabilities], bool]] = {}
 
 
 @_patch("cuda_current_device_is_cpu")
@@ -111,11 +128,12 @@ def patch_rng_tracker() -> None:
     torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]  # CPU seed is set by caller
 
 
-@_patch("te_general_gemm_none")
+@_patch("te_general_gemm_none", when=_always)
 def patch_te_general_gemm() -> None:
-    """Without transformer-engine, megatron-core 0.16.1 ``moe_utils`` never defines
-    ``te_general_gemm`` yet ``RouterGatingLinearFunction`` reads it (NameError). Define it as None
-    so the plain matmul path runs."""
+    """Without transformer-engine (on CPU, and on a CUDA machine without it alike), megatron-core 0.16.1
+    ``moe_utils`` never defines ``te_general_gemm`` (l.22-39) yet ``RouterGatingLinearFunction`` reads it
+    (l.1192: NameError in every router forward). Define it as None so the plain matmul path runs; a no-op
+    where TE defined it."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -192,10 +210,11 @@ def patch_synchronize() -> None:
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
 
 
-@_patch("sequence_parallel_torch_norm")
+@_patch("sequence_parallel_torch_norm", when=_always)
 def patch_torch_norm_sequence_parallel() -> None:
-    """megatron-core 0.16.1 ``WrappedTorchNorm`` (the norm of the local spec without apex) asserts
-    ``not config.sequence_parallel``. A norm acts per token, so it is already correct on a sequence
+    """megatron-core 0.16.1 ``WrappedTorchNorm`` (the local spec's norm without apex, and its RMSNorm
+    with apex too: FusedLayerNorm refuses RMSNorm) asserts ``not config.sequence_parallel``, on CUDA as on
+    CPU. A norm acts per token, so it is already correct on a sequence
     slice; what SP needs is that its parameters are marked ``sequence_parallel`` so that
     ``finalize_model_grads`` sums their grads (each TP rank saw a different slice) over the TP group,
     exactly as Megatron's fused and TE norms do."""
@@ -260,11 +279,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def apply_cpu_patches(force: bool = False) -> list[str]:
-    """Apply every patch when CUDA is absent (or ``force``). Returns the names applied."""
-    if cuda_available() and not force:
-        return []
-    for fn in PATCHES.values():
-        fn()
-    log.debug("megatron-core CPU patches applied: %s", sorted(PATCHES))
-    return sorted(PATCHES)
+def patches_for(caps: Capabilities) -> list[str]:
+    """The names of the patches this machine needs."""
+    return sorted(n for n in PATCHES if CONDITIONS[n](caps))
+
+
+def apply_compat_patches(caps: Optional[Capabilities] = None, force: bool = False) -> list[str]:
+    """Apply the patches ``caps`` (default: this machine's probe) needs, or every patch with ``force``.
+    Returns the names applied."""
+    names = sorted(PATCHES) if force else patches_for(caps or probe())
+    for name in names:
+        PATCHES[name]()
+    log.debug("megatron-core compat patches applied: %s", names)
+    return names

@@ -1,11 +1,13 @@
 """Build the policy: a Megatron-Core GPTModel with MoE layers whose routers are RecordingTopKRouter.
 
-The local spec runs everywhere (CPU included); the transformer-engine spec is used when TE is
-installed and ``--transformer-impl`` is ``auto`` or ``transformer_engine``.
+The local spec runs everywhere (CPU included); the transformer-engine spec is used when TE imports and
+``--transformer-impl`` is ``auto`` (on CUDA) or ``transformer_engine``. Fusions, norms and shims follow
+the capability probe (``megatron_rspo.capabilities``), never "CUDA ⇒ everything".
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import replace
 
@@ -17,21 +19,15 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_rspo import distributed
-from megatron_rspo.compat.cpu import apply_cpu_patches, cuda_available
+from megatron_rspo.capabilities import Capabilities, probe
+from megatron_rspo.compat.cpu import apply_compat_patches, cuda_available
 from megatron_rspo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rspo.model.routing import RecordingTopKRouter
 from megatron_rspo.validation import validate
-
-
-def te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 _LAYOUT: tuple[int, ...] | None = None  # the (TP, PP, EP, ETP) layout the parallel groups were built for
 
@@ -46,10 +42,15 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
+        timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
         if cuda_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda_available() else "gloo", rank=rank, world_size=world)
-    apply_cpu_patches()
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            # device_id binds the NCCL communicator to this GPU at init (eager init, no guessing later)
+            dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    apply_compat_patches()
     layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
               parallel.expert_model_parallel_size, parallel.expert_tp())
     global _LAYOUT
@@ -82,27 +83,22 @@ def shutdown_distributed() -> None:
     _LAYOUT = None
 
 
-def _fusion_kernels() -> dict[str, bool]:
-    """Which optional fused kernels megatron-core 0.16.1 can find here (all False without CUDA)."""
-    if not cuda_available():
-        return {"rope": False, "wgrad": False}
-    try:  # apex's CUDA extension behind Megatron's ColumnParallelLinear/RowParallelLinear wgrad fusion
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
-
-        wgrad = True
-    except ImportError:
-        wgrad = False
+def _fused_rope() -> bool:
+    """megatron-core 0.16.1 finds a fused RoPE kernel (transformer-engine's or apex's) itself."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    return {"rope": rope_utils.fused_apply_rotary_pos_emb is not None, "wgrad": wgrad}
+    return rope_utils.fused_apply_rotary_pos_emb is not None
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, ddp: bool = False) -> TransformerConfig:
-    """Megatron TransformerConfig for our ModelConfig. The fusions are on with CUDA (where their kernels
-    exist) and off on CPU. ``ddp``: the model will be wrapped in Megatron's DDP, whose ``main_grad``
-    buffers the gradient-accumulation fusion writes into (a bare model's backward would fail)."""
-    on_gpu = cuda_available()
-    kernels = _fusion_kernels()
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, ddp: bool = False,
+                       caps: Capabilities | None = None) -> TransformerConfig:
+    """Megatron TransformerConfig for our ModelConfig. Each fusion is on where CUDA exists and its kernel
+    imports (``caps``, default: the probe), off on CPU. ``ddp``: the model will be wrapped in Megatron's
+    DDP, whose ``main_grad`` buffers the gradient-accumulation fusion writes into (a bare model's backward
+    would fail)."""
+    caps = caps or probe()
+    on_gpu = caps.cuda
+    fusions = caps.fusions()
     dtype = torch.bfloat16 if model.bf16 else torch.float32
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -149,24 +145,62 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, ddp: boo
         recompute_num_layers=model.recompute_num_layers,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        gradient_accumulation_fusion=ddp and kernels["wgrad"],
+        gradient_accumulation_fusion=ddp and fusions["gradient_accumulation_fusion"],
         # Megatron's fused bias+GeLU needs a bias; SwiGLU's fused kernel works without one.
-        bias_activation_fusion=on_gpu and model.swiglu,
-        masked_softmax_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=on_gpu and kernels["rope"] and model.position_embedding_type == "rope",
-        persist_layer_norm=on_gpu,
+        bias_activation_fusion=fusions["bias_activation_fusion"] and model.swiglu,
+        masked_softmax_fusion=fusions["masked_softmax_fusion"],
+        bias_dropout_fusion=fusions["bias_dropout_fusion"],
+        apply_rope_fusion=on_gpu and model.position_embedding_type == "rope" and _fused_rope(),
+        persist_layer_norm=fusions["persist_layer_norm"],
     )
 
 
-def use_transformer_engine(model: ModelConfig) -> bool:
-    if model.transformer_impl == "local":
-        return False
-    if model.transformer_impl == "transformer_engine":
-        if not te_available():
-            raise ConfigError("--transformer-impl transformer_engine, but transformer-engine is not installed")
-        return True
-    return te_available() and cuda_available()
+def use_transformer_engine(model: ModelConfig, caps: Capabilities | None = None) -> bool:
+    caps = caps or probe()
+    if model.transformer_impl == "transformer_engine" and caps.transformer_engine is None:
+        raise ConfigError("--transformer-impl transformer_engine needs the transformer-engine package, which does "
+                          "not import here")
+    return caps.use_transformer_engine(model.transformer_impl)
+
+
+def _local_norms(spec: object, normalization: str, caps: Capabilities) -> None:
+    """Put every norm of a local-spec block on a module this machine can run. megatron-core 0.16.1 picks
+    apex's FusedLayerNorm whenever ``import apex`` works: for the block's final norm even with RMSNorm
+    (gpt_layer_specs.py:640-648; FusedLayerNorm then asserts "RMSNorm is not supported"), and for LayerNorm
+    even where apex was built without its CUDA kernels. Those become WrappedTorchNorm (torch's norm)."""
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+    keep_fused = caps.fused_layer_norm_for(normalization)
+    stack, seen = [spec], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        fields = vars(node) if hasattr(node, "__dict__") else {}
+        for name, value in fields.items():
+            if value is FusedLayerNorm and not keep_fused:
+                setattr(node, name, WrappedTorchNorm)
+            elif isinstance(value, ModuleSpec) and value.module is FusedLayerNorm and not keep_fused:
+                value.module = WrappedTorchNorm
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+            elif hasattr(value, "__dict__") and type(value).__module__.startswith("megatron"):
+                stack.append(value)
+
+
+def block_spec(model: ModelConfig, config: TransformerConfig, caps: Capabilities | None = None):
+    """The decoder block spec: TE's or the local one (norms on what runs here), routers that record."""
+    caps = caps or probe()
+    use_te = use_transformer_engine(model, caps)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=model.normalization)
+    if not use_te:
+        _local_norms(block, model.normalization, caps)
+    for spec in block.layer_specs:
+        mlp = spec.submodules.mlp
+        if isinstance(getattr(mlp, "submodules", None), MoESubmodules):
+            mlp.submodules = replace(mlp.submodules, router=RecordingTopKRouter)
+    return block
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool = True, *,
@@ -182,13 +216,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool
     validate(model, parallel, dist.get_world_size() if dist.is_initialized() else 1)
     config = transformer_config(model, parallel, ddp=ddp)
     config.perform_initialization = init_weights
-    use_te = use_transformer_engine(model)
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=model.normalization)
+    block = block_spec(model, config)
     moe_numbers = model.moe_layer_numbers()
-    for spec in block.layer_specs:
-        mlp = spec.submodules.mlp
-        if isinstance(getattr(mlp, "submodules", None), MoESubmodules):
-            mlp.submodules = replace(mlp.submodules, router=RecordingTopKRouter)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block,
