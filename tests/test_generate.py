@@ -160,3 +160,16 @@ def test_sampler_truncation():
     assert set(draws.flatten().tolist()) == {1, 2}
     with pytest.raises(ValueError):
         SamplingParams(top_p=0.0).validate()
+
+
+def test_every_stop_id_ends_a_response(model):
+    """A model with several EOS ids (Qwen3: <|im_end|> and <|endoftext|>): a response ends at whichever comes
+    first. Greedy decoding without a stop gives the reference; each of its tokens, named a stop id, ends it."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    free = generate(model, PROMPTS, params, eos_id=None, pad_id=PAD)
+    row, plen = free.tokens[0].tolist(), len(PROMPTS[0])
+    first, third = row[plen], row[plen + 2]
+    for stops, want in (([third, 63], 3), ((63, first), 1), (first, 1)):
+        ro = generate(model, PROMPTS[:1], params, eos_id=stops, pad_id=PAD)
+        assert int(ro.response_lens[0]) == want and bool(ro.finished[0]), (stops, want)
+        assert ro.tokens[0, : plen + want].tolist() == row[: plen + want]

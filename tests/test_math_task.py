@@ -15,6 +15,10 @@ from megatron_rspo.tasks.data import DataError, load_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "math_small.jsonl"
 
+# Hang guards, not speed tests: generous so that a loaded CI machine cannot fail them (speed belongs in
+# benchmarks/).
+HANG_GUARD_S = 60.0
+
 
 @pytest.fixture(scope="module")
 def verifier():
@@ -146,7 +150,7 @@ def test_extract_is_linear_on_adversarial_text():
     assert mt.extract_answer("\\boxed{" * 30_000) is None
     assert mt.extract_answer("{" * 100_000 + "\\boxed{1}") == "1"
     assert mt.extract_answer("\\boxed{" + "{" * 50_000 + "}" * 50_000 + "}") is not None
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < HANG_GUARD_S  # quadratic scanning of these would take minutes
 
 
 # ---------------------------------------------------------------------------------------- reward
@@ -185,14 +189,16 @@ def test_reward_never_raises(verifier, garbage):
 
 
 def test_pathological_inputs_return_within_timeout(verifier):
+    """Without the timeout these never return (9^9^9^9 has ~10^(3.7e8) digits); with it, within the 1 s budget
+    plus a helper restart."""
     for response, ref in [("\\boxed{9^{9^{9^{9}}}}", "5"), ("\\boxed{9^{9^{9}}}", "9^{387420489}")]:
         t0 = time.monotonic()
         assert mt.math_reward(response, ref, timeout_s=1.0, verifier=verifier) == 0.0
-        assert time.monotonic() - t0 < 2.5  # 1 s budget + at most one helper warm-up
+        assert time.monotonic() - t0 < HANG_GUARD_S
     t0 = time.monotonic()
     assert mt.math_reward("x" * 100_000 + "\\boxed{42}", "42", verifier=verifier) == 1.0
     assert mt.math_reward("\\boxed{" + "1+" * 50_000 + "1}", "3", verifier=verifier) == 0.0  # too long
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < HANG_GUARD_S
     # the helper was replaced after overrunning and still works
     assert mt.math_reward("\\boxed{0.5}", "\\frac12", verifier=verifier) == 1.0
 

@@ -50,4 +50,23 @@ def test_code_task_from_fixture():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'chess'"):
         get_task("chess")
-    assert set(TASKS) == {"countdown", "math", "code"}
+    assert set(TASKS) == {"countdown", "math", "code", "copy_digits"}
+
+
+def test_copy_digits_task(tmp_path):
+    """Partial credit for a random policy's digits, full score for the exact copy, bad rows named."""
+    from megatron_rspo.tasks import copy_digits
+    from megatron_rspo.tasks.data import DataError
+
+    task = get_task("copy_digits")
+    xs = copy_digits.make_examples(5, seed=1)
+    copy_digits.save_jsonl(xs, tmp_path / "c.jsonl")
+    assert task.load(str(tmp_path / "c.jsonl")) == xs
+    x = copy_digits.CopyExample("4712")
+    assert task.prompt(x, "tiny", PlainTok()) == "copy: 4 7 1 2 = "
+    assert task.score("4 7 1 2", x, "tiny") == 1.0
+    assert task.score("2 1 7 4", x, "tiny") == 0.5  # all digits, wrong order
+    assert task.score("x4y", x, "tiny") == 0.125 and task.score("none", x, "tiny") == 0.0
+    (tmp_path / "bad.jsonl").write_text('{"digits": "12"}\n{"digits": "1a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*decimal digits"):
+        task.load(str(tmp_path / "bad.jsonl"))

@@ -110,3 +110,22 @@ def test_hf_tokenizer_local_directory(tmp_path, corpus):
     assert padded.pad_id != padded.eos_id
     ids = padded.encode(texts[0])
     assert padded.decode([*ids, padded.eos_id, padded.pad_id]) == texts[0]
+
+
+def test_hf_generation_config_eos_ids_are_stop_ids(tmp_path, corpus):
+    """Qwen3's generation_config.json lists two EOS ids; both end a response (and are dropped by decode)."""
+    import json
+
+    _save_hf_tokenizer(tmp_path, corpus[1][:200], pad=True)
+    tok = HFTokenizer(tmp_path)
+    assert tok.stop_ids == (tok.eos_id,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.pad_id, tok.eos_id, 10**9]}))
+    tok = HFTokenizer(tmp_path)
+    assert tok.stop_ids == (tok.eos_id, tok.pad_id)  # the tokenizer's first; out-of-vocabulary ids ignored
+    ids = tok.encode(corpus[1][0])
+    assert tok.decode([*ids, tok.pad_id]) == corpus[1][0]
+    (tmp_path / "generation_config.json").write_text("{not json")
+    from megatron_rspo.errors import TokenizerError
+
+    with pytest.raises(TokenizerError, match="generation_config.json"):
+        HFTokenizer(tmp_path)

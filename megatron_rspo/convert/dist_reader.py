@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_rspo.convert.common import ConversionError
+from megatron_rspo.state_keys import canonical_key
 
 
 class _RegionPlanner(LoadPlanner):
@@ -68,7 +69,9 @@ class GlobalTensorReader:
             raise ConversionError(f"{path}: sharded backend {backend!r}; only torch_dist checkpoints can be exported")
         self.reader = dcp.FileSystemReader(path)
         md = self.reader.read_metadata().state_dict_metadata
-        self.meta = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
+        # by canonical key (a checkpoint of the TE spec may spell a key its own way, state_keys.py)
+        self.stored = {canonical_key(k): k for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
+        self.meta = {c: md[k] for c, k in self.stored.items()}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.meta[key].size)
@@ -82,6 +85,7 @@ class GlobalTensorReader:
         for key in keys:
             shape = self.shape(key)
             buf = torch.empty(shape[len(index):], dtype=self.dtype(key))
-            regions[key] = (tuple(index) + (0,) * (len(shape) - len(index)), buf.view((1,) * len(index) + buf.shape))
+            regions[self.stored[key]] = (tuple(index) + (0,) * (len(shape) - len(index)),
+                                         buf.view((1,) * len(index) + buf.shape))
         dcp.load({}, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
-        return {k: r[1].view(r[1].shape[len(index):]) for k, r in regions.items()}
+        return {key: regions[self.stored[key]][1].view(self.shape(key)[len(index):]) for key in keys}

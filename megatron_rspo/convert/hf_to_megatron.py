@@ -44,6 +44,7 @@ from megatron_rspo.convert.mapping import (
     layer_to_megatron,
 )
 from megatron_rspo.rng_state import layout
+from megatron_rspo.state_keys import model_sharded_state_dict
 from megatron_rspo.validation import validate
 
 
@@ -112,7 +113,7 @@ def _targets(gpt: torch.nn.Module) -> tuple[list[_Target], dict[int, list[_Targe
     sharded state dict (factories such as SwiGLU fc1 are built into their sub-tensors, which are views)."""
     glob: list[_Target] = []
     layers: dict[int, list[_Target]] = {}
-    for entry in gpt.sharded_state_dict().values():
+    for entry in model_sharded_state_dict(gpt).values():
         if isinstance(entry, ShardedObject):
             continue
         if isinstance(entry, ShardedTensorFactory):
@@ -231,7 +232,9 @@ def convert_hf_to_megatron(hf_dir: str, save_dir: str, parallel: Optional[Parall
              + (f"sharded over {world} ranks (TP={tp} EP={ep} PP={pp} DP={world // (tp * pp)})" if sharded
                 else "one process"))
 
-    build_cfg = dataclasses.replace(model_cfg, transformer_impl="local")  # same checkpoint keys as TE
+    # The local spec runs anywhere (no GPU needed to convert); its checkpoint loads into a TE-spec model too
+    # (one canonical key set, state_keys.py).
+    build_cfg = dataclasses.replace(model_cfg, transformer_impl="local")
     gpt = build_model(build_cfg, target if sharded else ParallelConfig(), init_weights=False)
     error: Optional[str] = None
     try:

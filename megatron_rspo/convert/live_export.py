@@ -34,7 +34,6 @@ from typing import Any, Optional, Union
 import torch
 
 from megatron_rspo import distributed
-from megatron_rspo.checkpoint import sharded_tensors
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.convert.arch import arch_of, infer_model_type, model_config_to_hf
 from megatron_rspo.convert.common import ConversionError
@@ -47,6 +46,7 @@ from megatron_rspo.convert.mapping import (
     layer_to_megatron,
     megatron_layer_keys,
 )
+from megatron_rspo.state_keys import model_sharded_state_dict, sharded_tensors
 
 EMBED, NORM, OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
 Unit = Union[int, str]  # a layer index, "embed" or "final"
@@ -71,12 +71,6 @@ class _Meta:
     dtype: torch.dtype
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and not hasattr(model, "decoder"):  # DDP / Float16Module wrappers
-        model = model.module
-    return model
-
-
 def _finish_param_sync(model: Any) -> None:
     """With the distributed optimizer's ``overlap_param_gather``, a step leaves the updated params sharded
     until the next forward gathers them: gather them now (synchronously; the forward then skips it)."""
@@ -94,7 +88,7 @@ def _local_shards(model: Any) -> tuple[list[_Meta], list[torch.Tensor], list[str
     """This rank's main replicas (metadata, data) over all model chunks, and the problems seen."""
     metas, data, problems = [], [], []
     for chunk in model if isinstance(model, (list, tuple)) else [model]:  # virtual pipeline: a list of chunks
-        for sh in sharded_tensors(_unwrap(chunk).sharded_state_dict()):
+        for sh in sharded_tensors(model_sharded_state_dict(chunk)):  # canonical keys, either spec
             if not _is_main(sh.replica_id):
                 continue
             if sh.flattened_range is not None:

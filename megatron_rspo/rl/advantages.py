@@ -16,7 +16,10 @@ def group_relative_advantages(
 
     ``rewards`` [N], prompt-major: rows g·G .. g·G+G−1 are the G responses to prompt g.
     std is the unbiased sample std (N−1, ``torch.std``'s default, as in GRPO/verl/TRL); pass
-    ``unbiased=False`` for the population std. A group whose rewards are all equal gets A = 0.
+    ``unbiased=False`` for the population std. A group whose rewards are all equal gets A = 0 exactly:
+    float rounding makes its mean differ from its rewards by ~1 ulp (eight float32 rewards of 0.1 leave
+    residuals of ~1e-9 and a std of ~1e-8), and dividing by (std + eps) would blow that noise up to
+    |A| ~ 0.01-0.1, the same advantage for every response of the group.
     Returns float32 (float64 if the rewards are float64).
     """
     if rewards.dim() != 1:
@@ -32,4 +35,5 @@ def group_relative_advantages(
     adv = r - r.mean(dim=1, keepdim=True)
     if normalize_std:
         adv = adv / (r.std(dim=1, keepdim=True, unbiased=unbiased) + eps)
-    return adv.reshape(n)
+    tied = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    return adv.masked_fill(tied, 0.0).reshape(n)

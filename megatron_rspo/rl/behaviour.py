@@ -25,10 +25,11 @@ from megatron_rspo.rl.corrections import get_rollout_correction
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.mismatch import mismatch_stats
 from megatron_rspo.rollout.engine import MegatronEngine, RolloutEngine
+from megatron_rspo.rollout.sampling import StopIds
 
 
 def build_rollout_engine(rl: RLConfig, run: RunConfig, model: torch.nn.Module, model_cfg: ModelConfig,
-                         eos_id: Optional[int], version: int) -> RolloutEngine:
+                         eos_id: StopIds, version: int) -> RolloutEngine:
     """The engine ``--rollout-engine`` names, sampling with ``model``'s current weights as ``version``."""
     if rl.rollout_engine == "vllm":
         from megatron_rspo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig

@@ -31,7 +31,9 @@ class RLConfig:
     init_from: Optional[str] = arg(None, "Checkpoint to take the initial policy (weights and architecture) from, "
                                          "e.g. the SFT run.")
     # Task and data
-    task: Literal["countdown", "math", "code"] = arg("countdown", "Task: data format, prompt and reward.")
+    task: Literal["countdown", "math", "code", "copy_digits"] = arg(
+        "countdown", "Task: data format, prompt and reward (copy_digits: a smoke-test task on which a random "
+                     "policy already scores).")
     train_data: str = arg("data/countdown/train.jsonl", "Training prompts (JSONL, or parquet for math/code).")
     test_data: str = arg("data/countdown/test.jsonl", "Held-out prompts for evaluation.")
     template: Literal["tiny", "chat"] = arg("tiny", "Prompt template: tiny (the demo's Countdown prompt) or chat "

@@ -53,7 +53,7 @@ def _sample_round(ctx: RolloutContext, index: int, round_: int) -> tuple[Experie
     seed = ctx.seed * 100003 + index * 101 + ctx.dp_rank + round_ * 7_919_000
     params = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
     with generation_mode(ctx.model) as group:
-        ro = ctx.engine.generate(rows, params, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id, seed=seed,
+        ro = ctx.engine.generate(rows, params, eos_id=ctx.tok.stop_ids, pad_id=ctx.tok.pad_id, seed=seed,
                                  record_scores=not rl.recompute_old_logprobs, sync_group=group,
                                  max_batch_rows=rl.generation_batch_size)
     texts = decode_responses(ctx.tok, ro.tokens, ro.prompt_lens, ro.response_lens)  # one host copy

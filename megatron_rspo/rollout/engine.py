@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_rspo import distributed
 from megatron_rspo.rollout.generate import Rollout, SamplingParams, generate
+from megatron_rspo.rollout.sampling import StopIds
 
 
 class RolloutEngine(Protocol):
@@ -28,7 +29,7 @@ class RolloutEngine(Protocol):
     same_numerics_as_trainer: bool  # True: π_rollout == π_old by construction (the built-in engine)
     returns_routed_experts: bool  # the engine reports the experts it routed each token to (R3)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: Optional[int], pad_id: int,
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: StopIds, pad_id: int,
                  seed: int, record_scores: bool = True, max_batch_rows: Optional[int] = None,
                  sync_group: Optional[dist.ProcessGroup] = None) -> Rollout:
         """Sample one response per prompt (collective over every rank that calls it)."""
@@ -50,7 +51,7 @@ class MegatronEngine:
         self.model = model
         self.weight_version = 0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: Optional[int], pad_id: int,
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: StopIds, pad_id: int,
                  seed: int, record_scores: bool = True, max_batch_rows: Optional[int] = None,
                  sync_group: Optional[dist.ProcessGroup] = None) -> Rollout:
         # The sampling RNG lives on the model's device (no [N, V] host draws per step).

@@ -54,7 +54,14 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_rspo import distributed
 from megatron_rspo.model.routing import RoutingSession, routers, routing_session
-from megatron_rspo.rollout.sampling import SamplingParams, check_generator_device, sample, token_logprobs
+from megatron_rspo.rollout.sampling import (
+    SamplingParams,
+    StopIds,
+    check_generator_device,
+    sample,
+    stop_id_list,
+    token_logprobs,
+)
 
 __all__ = ["SamplingParams", "Rollout", "generate"]
 
@@ -157,7 +164,7 @@ def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
     params: SamplingParams,
-    eos_id: Optional[int],
+    eos_id: StopIds,
     pad_id: int,
     *,
     use_cache: bool = True,
@@ -170,7 +177,8 @@ def generate(
     """Sample a response for every prompt; see the module docstring for the layout and alignment.
 
     ``use_cache=False`` recomputes the whole prefix every step (the reference for tests).
-    ``eos_id=None``: responses only stop at ``params.max_new_tokens``.
+    ``eos_id``: the id, or ids, that end a response (every EOS of the tokenizer and generation config); None:
+    responses only stop at ``params.max_new_tokens``.
     ``generator``: on the model's device (ValueError otherwise); it draws every random number of the call
     up front (None: the device's default generator). ``max_batch_rows``: generate at most that many rows
     at a time, each chunk with its own KV cache; the result does not depend on it (module docstring).
@@ -223,7 +231,7 @@ def _generate_rows(
     model: torch.nn.Module,
     prompts: list[list[int]],
     params: SamplingParams,
-    eos_id: Optional[int],
+    eos_id: StopIds,
     pad_id: int,
     use_cache: bool,
     router_list: list,
@@ -243,6 +251,8 @@ def _generate_rows(
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     logprobs = torch.zeros(n, buf_len - 1, dtype=torch.float32, device=device)
+    stop_ids = stop_id_list(eos_id)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
 
     record = bool(router_list)
     num_moe, topk = len(router_list), (router_list[0].topk if router_list else 0)
@@ -283,7 +293,7 @@ def _generate_rows(
         buf[:, t] = torch.where(live, new, torch.where(t < plens, buf[:, t], pad_id))
         logprobs[:, t - 1] = torch.where(live, token_logprobs(logits, new, t_logprob), 0.0)
         rlens += live.long()
-        hit_eos = live & (new == eos_id) if eos_id is not None else torch.zeros_like(live)
+        hit_eos = live & torch.isin(new, stop) if stop is not None else torch.zeros_like(live)
         finished |= hit_eos
         done |= hit_eos | (live & (rlens >= params.max_new_tokens))
         if not record and _agree(int(done.all()), dist.ReduceOp.MIN, sync_group, device):

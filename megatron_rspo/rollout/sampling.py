@@ -11,10 +11,22 @@ nothing of size [B, V] ever crosses devices.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+# The token ids that end a response: one id, several (Qwen3's generation config lists <|im_end|> and
+# <|endoftext|>), or None (responses stop only at max_new_tokens).
+StopIds = Optional[Union[int, Sequence[int]]]
+
+
+def stop_id_list(stop: StopIds) -> list[int]:
+    """``stop`` as a list of ids (empty for None)."""
+    if stop is None:
+        return []
+    return [int(stop)] if isinstance(stop, int) else [int(i) for i in stop]
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.rollout.generate import Rollout, SamplingParams
+from megatron_rspo.rollout.sampling import StopIds, stop_id_list
 from megatron_rspo.rollout.vllm_worker import DONE_FILE, bucket_file
 
 
@@ -66,7 +67,7 @@ class VLLMEngine:
     same_numerics_as_trainer = False
 
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, cfg: VLLMEngineConfig,
-                 model_type: Optional[str] = None, eos_id: Optional[int] = None) -> None:
+                 model_type: Optional[str] = None, eos_id: StopIds = None) -> None:
         self.cfg, self.model_cfg, self.model_type, self.eos_id = cfg, model_cfg, model_type, eos_id
         self.returns_routed_experts = cfg.return_routed_experts
         self.weight_version = 0
@@ -92,8 +93,8 @@ class VLLMEngine:
         if self.is_driver:
             os.makedirs(path, exist_ok=True)
             cfg = hf_config(self.model_cfg, self.model_type, dtype)
-            if self.eos_id is not None:
-                cfg["eos_token_id"] = self.eos_id
+            if stop_id_list(self.eos_id):  # every EOS: vLLM stops on all of them, as our own engine does
+                cfg["eos_token_id"] = stop_id_list(self.eos_id)
             with open(os.path.join(path, "config.json"), "w") as fh:
                 json.dump(cfg, fh, indent=2)
         for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type,
@@ -145,7 +146,7 @@ class VLLMEngine:
         return seconds
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: Optional[int], pad_id: int,
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: StopIds, pad_id: int,
                  seed: int, record_scores: bool = True, max_batch_rows: Optional[int] = None,
                  sync_group: Optional[dist.ProcessGroup] = None) -> Rollout:
         """Every rank passes its own prompts; rank 0 generates all of them and hands each rank its rows.
@@ -163,15 +164,16 @@ class VLLMEngine:
         ro.weight_version = self.weight_version
         return ro
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, eos_id: Optional[int], pad_id: int,
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, eos_id: StopIds, pad_id: int,
                   seed: int) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[bool]]:
         from vllm import SamplingParams as VSamplingParams
 
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        stops = stop_id_list(eos_id)
         sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0, logprobs=0,
                                seed=seed * 1_000_003 + i, detokenize=False,
-                               stop_token_ids=[eos_id] if eos_id is not None else None, ignore_eos=eos_id is None)
+                               stop_token_ids=stops or None, ignore_eos=not stops)
                for i in range(len(prompts))]
         outs = self.llm.generate(requests, sps, use_tqdm=False)
         responses, logps, finished, experts = [], [], [], []
@@ -180,9 +182,9 @@ class VLLMEngine:
             ids = list(c.token_ids)
             responses.append(ids)
             logps.append([float(lp[t].logprob) for lp, t in zip(c.logprobs, ids)])
-            finished.append(eos_id is not None and bool(ids) and ids[-1] == eos_id)
-            if self.returns_routed_experts:
-                experts.append(_routed_experts(out.prompt_routed_experts, c.routed_experts))
+            finished.append(bool(ids) and ids[-1] in stops)
+            if self.returns_routed_experts:  # vLLM 0.21.0 splits prompt and response; later versions do not
+                experts.append(_routed_experts(getattr(out, "prompt_routed_experts", None), c.routed_experts))
         return [list(p) for p in prompts], responses, logps, finished, experts or None
 
     def shutdown(self) -> None:
@@ -197,8 +199,10 @@ class VLLMEngine:
 
 def _routed_experts(prompt_part, response_part) -> torch.Tensor:
     """The engine's experts of one request, input-aligned [positions, L, K] int16 (-1: not recorded, e.g. a
-    prefix-cached prompt position). vLLM returns the prompt's [prompt_len, L, K] and the generated tokens'
-    [gen_len, L, K]; taken here as positions 0..p-1 and p..p+gen_len-1 (checked on GPU by the old pass's
+    prefix-cached prompt position). vLLM 0.21.0 returns the prompt's [prompt_len, L, K]
+    (``RequestOutput.prompt_routed_experts``) and the generated tokens' [gen_len, L, K]; from 0.22 on one
+    array of every position fed through the model (``CompletionOutput.routed_experts``, prompt first, no
+    ``prompt_routed_experts``). Either way taken as positions 0, 1, ... (checked on GPU by the old pass's
     agreement, tests/test_gpu.py)."""
     parts = [torch.as_tensor(x, dtype=torch.int16) for x in (prompt_part, response_part) if x is not None]
     return torch.cat(parts) if parts else torch.empty(0, 0, 0, dtype=torch.int16)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_rspo.tasks import code as code_task
-from megatron_rspo.tasks import countdown
+from megatron_rspo.tasks import copy_digits, countdown
 from megatron_rspo.tasks import math as math_task
 from megatron_rspo.tokenizer import Tokenizer
 
@@ -49,6 +49,12 @@ TASKS: dict[str, Task] = {
         load=code_task.load_code,
         prompt_text=lambda x, template: code_task.format_prompt(x),
         score=lambda text, x, template: code_task.code_reward(text, x),
+    ),
+    "copy_digits": Task(
+        "copy_digits",
+        load=copy_digits.load_copy,
+        prompt_text=lambda x, template: copy_digits.format_prompt(x),
+        score=lambda text, x, template: copy_digits.copy_reward(text, x),
     ),
 }
 
