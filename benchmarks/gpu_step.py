@@ -2,6 +2,7 @@
 log-probs, side by side in one run (run by tools/gpu_check.sh; ``--smoke`` runs tiny sizes on the CPU).
 
     python benchmarks/gpu_step.py                     # CUDA: V=152,064, bf16, 8 layers, 32 experts top-4
+    python benchmarks/gpu_step.py --qwen3-like        # CUDA: 2 layers of Qwen3-30B-A3B's geometry, 1k tokens/row
     python benchmarks/gpu_step.py --smoke             # CPU: the same code path at toy sizes
 
 Synthetic experience (random tokens, every label a response token, routing ids from a record pass),
@@ -35,9 +36,10 @@ def _sync() -> None:
 def run(args: argparse.Namespace, fused: bool) -> dict[str, float]:
     cuda = torch.cuda.is_available()
     cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.layers, hidden_size=args.hidden,
-                      num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden, num_experts=args.experts,
-                      moe_router_topk=args.topk, moe_ffn_hidden_size=args.hidden, max_position_embeddings=args.seq + 1,
-                      bf16=cuda and not args.fp32)
+                      num_attention_heads=args.heads, num_query_groups=args.groups, kv_channels=args.kv_channels,
+                      qk_layernorm=args.qk_norm, ffn_hidden_size=4 * args.hidden, num_experts=args.experts,
+                      moe_router_topk=args.topk, moe_ffn_hidden_size=args.moe_ffn or args.hidden,
+                      max_position_embeddings=args.seq + 1, bf16=cuda and not args.fp32)
     init_distributed(ParallelConfig(), seed=1)
     engine = Engine(cfg, ParallelConfig(), OptimConfig(lr=1e-5), train_iters=args.repeats + 2)
     device = next(engine.module.parameters()).device
@@ -79,12 +81,19 @@ def run(args: argparse.Namespace, fused: bool) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="toy sizes (CPU)")
+    p.add_argument("--qwen3-like", action="store_true",
+                   help="Qwen3-30B-A3B's layer geometry (h 2048, 32 heads / 4 KV groups of 128, QK norm, 128 experts "
+                        "top-8 of width 768, V 151,936), 2 layers, 8 rows of 1,024 tokens")
     p.add_argument("--vocab", type=int, default=152064)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--groups", type=int, default=None, help="query groups (None: MHA)")
+    p.add_argument("--kv-channels", type=int, default=None)
+    p.add_argument("--qk-norm", action="store_true")
+    p.add_argument("--moe-ffn", type=int, default=None, help="expert width (None: --hidden)")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--micro-rows", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
@@ -92,10 +101,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--fp32", action="store_true", help="fp32 params even on CUDA")
     args = p.parse_args()
+    if args.qwen3_like:
+        if not torch.cuda.is_available():
+            p.error("--qwen3-like needs CUDA (1.2B parameters of experts); use --smoke on a CPU")
+        args.vocab, args.layers, args.hidden, args.heads, args.groups, args.kv_channels = 151936, 2, 2048, 32, 4, 128
+        args.qk_norm, args.experts, args.topk, args.moe_ffn = True, 128, 8, 768
+        args.rows, args.micro_rows, args.seq, args.chunk = 8, 2, 1024, 1024
     if args.smoke:
         args.vocab, args.layers, args.hidden, args.heads, args.experts, args.topk = 512, 2, 64, 4, 4, 2
         args.rows, args.micro_rows, args.seq, args.chunk, args.repeats = 4, 2, 32, 16, 1
-    print(f"RSPO train step: V={args.vocab}, L={args.layers}, h={args.hidden}, E={args.experts} top-{args.topk}, "
+    print(f"RSPO train step on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}: "
+          f"V={args.vocab}, L={args.layers}, h={args.hidden}, E={args.experts} top-{args.topk}, "
           f"{args.rows} rows x {args.seq} tokens in micro-batches of {args.micro_rows} rows")
     print("| log-probs | step (s) | tokens/s | peak memory (GiB) |\n|---|---|---|---|")
     for fused in (False, True):
