@@ -84,13 +84,16 @@ def test_cuda_only_flags_are_refused_on_cpu_only(name):
 
 
 def test_grouped_gemm_needs_cuda_and_a_kernel(monkeypatch):
+    import dataclasses
+
     from megatron_rspo import validation
 
     m = ModelConfig(moe_grouped_gemm=True, transformer_impl="local")
     assert any("--moe-grouped-gemm needs CUDA" in e for e in model_parallel_errors(m, ParallelConfig(), cuda=False))
-    monkeypatch.setattr(validation, "_installed", lambda module: False)
+    bare = dataclasses.replace(validation.probe(), grouped_gemm=False)
+    monkeypatch.setattr(validation, "probe", lambda: bare)
     assert any("grouped_gemm package" in e for e in model_parallel_errors(m, ParallelConfig(), cuda=True))
-    monkeypatch.setattr(validation, "_installed", lambda module: module == "grouped_gemm")
+    monkeypatch.setattr(validation, "probe", lambda: dataclasses.replace(bare, grouped_gemm=True))
     assert model_parallel_errors(m, ParallelConfig(), cuda=True) == []
 
 
