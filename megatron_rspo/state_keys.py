@@ -59,7 +59,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _entries(tree: Any) -> Iterable[ShardedBase]:
+def _entries(tree: Any) -> Iterable[ShardedBase | ShardedTensorFactory]:
+    """Every sharded entry of a (nested) sharded state dict, factories unbuilt."""
     if isinstance(tree, (ShardedBase, ShardedTensorFactory)):
         yield tree
     elif isinstance(tree, dict):
@@ -99,13 +100,8 @@ def resolve_stored_keys(sharded_sd: dict[str, Any], stored: Container[str]) -> l
 
 def sharded_tensors(tree: Any) -> Iterable[ShardedTensor]:
     """The ShardedTensors of a sharded state dict (factories built; ``_extra_state`` objects skipped)."""
-    if isinstance(tree, ShardedTensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from sharded_tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from sharded_tensors(v)
-    elif isinstance(tree, ShardedTensorFactory):  # e.g. SwiGLU fc1: the gate/up halves
-        yield from sharded_tensors(tree.build())
+    for entry in _entries(tree):
+        if isinstance(entry, ShardedTensorFactory):  # e.g. SwiGLU fc1: the gate/up halves
+            yield from sharded_tensors(entry.build())
+        elif isinstance(entry, ShardedTensor):
+            yield entry

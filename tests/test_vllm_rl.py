@@ -45,13 +45,15 @@ def test_vllm_refusals_come_before_any_model(countdown_data):
 
 
 @pytest.mark.dist
-def test_two_ranks_share_one_engine(countdown_data):
-    """EP=2 over two trainer ranks: rank 0 drives the one vLLM engine for both data-parallel ranks (prompts
-    gathered, rows handed back), and every rank streams its expert shards in the weight sync."""
+@pytest.mark.parametrize("ranks_per_engine", ["1", "2"])
+def test_two_ranks_with_one_or_two_engines(countdown_data, ranks_per_engine):
+    """EP=2 over two trainer ranks, each rank with its own engine (the default) or both sharing one (rank 0's:
+    prompts gathered, rows handed back); every rank streams its expert shards to every engine's driver."""
     from conftest import run_torchrun
 
     res = run_torchrun("-m", "megatron_rspo.rl.trainer",
-                       *_args(countdown_data, "--expert-model-parallel-size", "2", "--train-iters", "2"),
+                       *_args(countdown_data, "--expert-model-parallel-size", "2", "--train-iters", "2",
+                              "--rollout-tensor-parallel-size", ranks_per_engine),
                        nproc=2, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
 
@@ -65,11 +67,25 @@ def test_one_step_off_with_vllm_overlaps_generation(countdown_data):
 
 
 def test_cuda_graphs_by_default_on_cuda_eager_on_cpu():
-    from megatron_rspo.config import RunConfig
+    from megatron_rspo.config import ParallelConfig, RunConfig
     from megatron_rspo.rl.behaviour import vllm_engine_config
     from megatron_rspo.rl.config import RLConfig
 
-    assert not vllm_engine_config(RLConfig(), RunConfig(), cuda=True).enforce_eager
-    assert vllm_engine_config(RLConfig(), RunConfig(), cuda=False).enforce_eager
-    assert vllm_engine_config(RLConfig(rollout_enforce_eager=True), RunConfig(), cuda=True).enforce_eager
-    assert not vllm_engine_config(RLConfig(rollout_enforce_eager=False), RunConfig(), cuda=False).enforce_eager
+    par = ParallelConfig()
+    assert not vllm_engine_config(RLConfig(), RunConfig(), par, cuda=True).enforce_eager
+    assert vllm_engine_config(RLConfig(), RunConfig(), par, cuda=False).enforce_eager
+    assert vllm_engine_config(RLConfig(rollout_enforce_eager=True), RunConfig(), par, cuda=True).enforce_eager
+    assert not vllm_engine_config(RLConfig(rollout_enforce_eager=False), RunConfig(), par, cuda=False).enforce_eager
+    tp2 = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    cfg = vllm_engine_config(RLConfig(), RunConfig(), tp2, cuda=True)
+    assert cfg.ranks_per_engine == cfg.tensor_parallel == 2  # default: the trainer's TP
+    assert vllm_engine_config(RLConfig(), RunConfig(), tp2, cuda=False).tensor_parallel == 1
+
+
+def test_engine_layout_errors():
+    from megatron_rspo.rollout.placement import placement_errors
+
+    assert placement_errors(8, 1) == [] and placement_errors(8, 8, 2, 2) == [] and placement_errors(8, 4, 2) == []
+    assert "must divide the world size" in placement_errors(8, 3)[0]
+    assert "multiple of --tensor-model-parallel-size" in placement_errors(8, 2, 4)[0]
+    assert "pipeline parallelism" in placement_errors(8, 2, 1, 2)[0]

@@ -19,8 +19,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_rspo.config import ModelConfig, RunConfig
-from megatron_rspo.rl.config import RLConfig, correction_config
+from megatron_rspo.config import ModelConfig, ParallelConfig, RunConfig
+from megatron_rspo.rl.config import RLConfig, correction_config, rollout_ranks_per_engine
 from megatron_rspo.rl.corrections import get_rollout_correction
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.mismatch import mismatch_stats
@@ -28,24 +28,26 @@ from megatron_rspo.rollout.engine import MegatronEngine, RolloutEngine
 from megatron_rspo.rollout.sampling import StopIds
 
 
-def vllm_engine_config(rl: RLConfig, run: RunConfig, cuda: bool) -> Any:
+def vllm_engine_config(rl: RLConfig, run: RunConfig, par: ParallelConfig, cuda: bool) -> Any:
     """The vLLM engine's settings from the run's flags (``cuda``: whether the engine runs on CUDA)."""
     from megatron_rspo.rollout.vllm_engine import VLLMEngineConfig
 
     eager = not cuda if rl.rollout_enforce_eager is None else rl.rollout_enforce_eager
+    per_engine = rollout_ranks_per_engine(rl, par)
     return VLLMEngineConfig(dtype=rl.rollout_dtype, kv_cache_gib=rl.vllm_kv_cache_gib,
                             gpu_memory_utilization=rl.vllm_gpu_memory_utilization, bucket_mb=rl.weight_sync_bucket_mb,
-                            seed=run.seed, enforce_eager=eager,
+                            seed=run.seed, enforce_eager=eager, ranks_per_engine=per_engine,
+                            tensor_parallel=per_engine if cuda else 1,
                             return_routed_experts=rl.routing_replay_source == "rollout")
 
 
-def build_rollout_engine(rl: RLConfig, run: RunConfig, model: torch.nn.Module, model_cfg: ModelConfig,
-                         eos_id: StopIds, version: int) -> RolloutEngine:
+def build_rollout_engine(rl: RLConfig, run: RunConfig, par: ParallelConfig, model: torch.nn.Module,
+                         model_cfg: ModelConfig, eos_id: StopIds, version: int) -> RolloutEngine:
     """The engine ``--rollout-engine`` names, sampling with ``model``'s current weights as ``version``."""
     if rl.rollout_engine == "vllm":
         from megatron_rspo.rollout.vllm_engine import VLLMEngine
 
-        cfg = vllm_engine_config(rl, run, torch.cuda.is_available())
+        cfg = vllm_engine_config(rl, run, par, torch.cuda.is_available())
         engine: RolloutEngine = VLLMEngine(model, model_cfg, cfg, eos_id=eos_id)
     else:
         engine = MegatronEngine(model)

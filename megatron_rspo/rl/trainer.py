@@ -119,7 +119,7 @@ class RLTrainer:
         self.ref: ReferencePolicy | None = None
         pending = self._load()  # --load: this rank's rollouts generated but not yet trained on (or None)
         # Weight version = the number of update rounds the weights have seen (= the iteration).
-        self.rollout_engine = build_rollout_engine(rl, run, self.engine.module, self.model_cfg, self.tok.stop_ids,
+        self.rollout_engine = build_rollout_engine(rl, run, par, self.engine.module, self.model_cfg, self.tok.stop_ids,
                                                    version=self.state.iteration)
         self.stream = ShuffledStream(len(self.train_set), run.seed, self.dp_rank, self.dp)
         self.stream.position = self.state.data_position

