@@ -80,6 +80,8 @@ def test_cuda_graphs_by_default_on_cuda_eager_on_cpu():
     cfg = vllm_engine_config(RLConfig(), RunConfig(), tp2, cuda=True)
     assert cfg.ranks_per_engine == cfg.tensor_parallel == 2  # default: the trainer's TP
     assert vllm_engine_config(RLConfig(), RunConfig(), tp2, cuda=False).tensor_parallel == 1
+    pp2 = ParallelConfig(pipeline_model_parallel_size=2)
+    assert vllm_engine_config(RLConfig(), RunConfig(), pp2, cuda=True, world=8).ranks_per_engine == 8  # one engine
 
 
 def test_engine_layout_errors():

