@@ -69,6 +69,16 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+# What a run measures of the machine (speed, memory), not part of its result: left out of exact comparisons.
+MACHINE_MEASUREMENTS = ("time/", "memory/")
+
+
+def run_scalars(logdir) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of a run's tensorboard scalars, without the machine's measurements."""
+    return {(tag, step): v for tag, series in tensorboard_scalars(logdir).items()
+            if not tag.startswith(MACHINE_MEASUREMENTS) for step, v in series}
+
+
 def run_torchrun(*target: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run`` on a free loopback port (gloo, one thread per rank); ``target`` is a
     script path or ``-m module`` followed by its arguments. Output is captured; callers check it."""

