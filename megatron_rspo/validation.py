@@ -8,6 +8,7 @@ whether the run will be on CUDA, for the flags that need it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Optional
 
@@ -29,12 +30,8 @@ def cuda_default(cuda: Optional[bool]) -> bool:
 
 
 def uses_transformer_engine(model: ModelConfig, cuda: bool) -> bool:
-    """The spec the run will use (``Capabilities.use_transformer_engine`` for a run on ``cuda`` or not)."""
-    if model.transformer_impl == "local":
-        return False
-    if model.transformer_impl == "transformer_engine":
-        return True
-    return cuda and probe().transformer_engine is not None
+    """The spec a run on ``cuda`` (or not) will use: ``Capabilities.use_transformer_engine`` for that device."""
+    return dataclasses.replace(probe(), cuda=cuda).use_transformer_engine(model.transformer_impl)
 
 
 def raise_errors(errors: list[str], what: str = "invalid configuration") -> None:

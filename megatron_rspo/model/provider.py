@@ -19,7 +19,6 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_rspo import distributed
@@ -170,21 +169,19 @@ def _local_norms(spec: object, normalization: str, caps: Capabilities) -> None:
     even where apex was built without its CUDA kernels. Those become WrappedTorchNorm (torch's norm)."""
     from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
-    keep_fused = caps.fused_layer_norm_for(normalization)
+    if caps.fused_layer_norm_for(normalization):
+        return
     stack, seen = [spec], set()
-    while stack:
+    while stack:  # specs and submodule dataclasses (a ModuleSpec's ``module`` is one of its fields)
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        fields = vars(node) if hasattr(node, "__dict__") else {}
-        for name, value in fields.items():
-            if value is FusedLayerNorm and not keep_fused:
+        for name, value in vars(node).items():
+            if value is FusedLayerNorm:
                 setattr(node, name, WrappedTorchNorm)
-            elif isinstance(value, ModuleSpec) and value.module is FusedLayerNorm and not keep_fused:
-                value.module = WrappedTorchNorm
             elif isinstance(value, (list, tuple)):
-                stack.extend(value)
+                stack.extend(v for v in value if hasattr(v, "__dict__"))
             elif hasattr(value, "__dict__") and type(value).__module__.startswith("megatron"):
                 stack.append(value)
 

@@ -111,7 +111,7 @@ def engine_cores(placement: EnginePlacement) -> list[int]:
 
 def engine_devices(placement: EnginePlacement, tensor_parallel: int, cores: list[int] | None = None
                    ) -> dict[str, str]:
-    """Environment that binds the driver's engine to its group's devices (applied while the engine's
+    """Environment that binds the driver's engine to its group's devices (``bound_to`` while the engine's
     processes start): on CUDA the GPUs of the group's first ``tensor_parallel`` ranks on this node; on a
     CPU machine ``cores`` (default ``engine_cores``) for vLLM's OpenMP threads."""
     if torch.cuda.is_available():
@@ -124,15 +124,18 @@ def engine_devices(placement: EnginePlacement, tensor_parallel: int, cores: list
 
 
 @contextlib.contextmanager
-def pinned(cores: list[int]) -> Iterator[None]:
-    """This process's CPU affinity narrowed to ``cores`` while the engine's processes start (they inherit
-    it), then restored; a no-op for an empty list."""
-    if not cores or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cores)
+def bound_to(env: dict[str, str], cores: list[int]) -> Iterator[None]:
+    """``env`` set and this process's CPU affinity narrowed to ``cores`` (none: unchanged) while an engine's
+    processes start (they inherit both), then both restored."""
+    saved = {k: os.environ.get(k) for k in env}
+    before = os.sched_getaffinity(0) if cores else None
+    os.environ.update(env)
+    if cores:
+        os.sched_setaffinity(0, cores)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        if before is not None:
+            os.sched_setaffinity(0, before)

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig
 from megatron_rspo.rollout.generate import Rollout, SamplingParams
-from megatron_rspo.rollout.placement import engine_cores, engine_devices, pinned, place_engines
+from megatron_rspo.rollout.placement import bound_to, engine_cores, engine_devices, place_engines
 from megatron_rspo.rollout.sampling import StopIds, stop_id_list
 from megatron_rspo.rollout.vllm_worker import DONE_FILE, bucket_file
 
@@ -97,7 +98,7 @@ class VLLMEngine:
 
         from safetensors.torch import save_file
 
-        from megatron_rspo.convert.live_export import hf_config, hf_weight_buckets
+        from megatron_rspo.convert.live_export import hf_config
 
         dtype = getattr(torch, self.cfg.dtype)
         if self.is_driver:
@@ -107,10 +108,18 @@ class VLLMEngine:
                 cfg["eos_token_id"] = stop_id_list(self.eos_id)
             with open(os.path.join(path, "config.json"), "w") as fh:
                 json.dump(cfg, fh, indent=2)
-        for driver in self.placement.drivers:  # every rank streams its shards to each engine's driver
-            for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type, dst=driver,
-                                                         bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
-                save_file({k: v.contiguous() for k, v in bucket}, os.path.join(path, f"model-{i:05d}.safetensors"))
+        for i, bucket in self._engine_buckets(model):
+            save_file({k: v.contiguous() for k, v in bucket}, os.path.join(path, f"model-{i:05d}.safetensors"))
+
+    def _engine_buckets(self, model: torch.nn.Module) -> Iterator[tuple[int, Any]]:
+        """(index, bucket) of the whole model in HF names, on each engine's driver (none elsewhere); collective:
+        every rank streams its shards to every driver in turn (one gather per engine, for now)."""
+        from megatron_rspo.convert.live_export import hf_weight_buckets
+
+        for driver in self.placement.drivers:
+            yield from enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type, dst=driver,
+                                                   bucket_bytes=self.cfg.bucket_mb << 20,
+                                                   dtype=getattr(torch, self.cfg.dtype)))
 
     def _start(self, model_dir: str):
         from vllm import LLM
@@ -133,27 +142,17 @@ class VLLMEngine:
         # The engine's processes inherit the environment and the CPU affinity: bind them to this group's devices
         # while they start.
         cores = (engine_cores(self.placement) if self.cfg.cpu_cores is None else self.cfg.cpu_cores) if cpu else []
-        bind = engine_devices(self.placement, tp, cores if cpu else None)
-        saved = {k: os.environ.get(k) for k in bind}
-        os.environ.update(bind)
-        try:
-            with pinned(cores):
-                return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
-                           max_model_len=max_len,
-                           enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
-                           worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
-                           gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,
-                           tensor_parallel_size=tp, **extra)
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        with bound_to(engine_devices(self.placement, tp, cores), cores):
+            return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
+                       max_model_len=max_len, enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
+                       worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
+                       gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,
+                       tensor_parallel_size=tp, **extra)
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self, model: torch.nn.Module, version: int) -> float:
         """Stream ``model``'s weights to the engine (collective over every rank); returns seconds."""
         from safetensors.torch import save_file
-
-        from megatron_rspo.convert.live_export import hf_weight_buckets
 
         t0 = time.perf_counter()
         stream = os.path.join(self.workdir, f"sync_{version}")
@@ -161,14 +160,11 @@ class VLLMEngine:
         if self.is_driver:
             os.makedirs(stream)
             reload = _Background(self.llm.collective_rpc, "reload_from_stream", args=(stream,))
-        dtype = getattr(torch, self.cfg.dtype)
-        for driver in self.placement.drivers:  # each engine's driver receives the whole model
-            for i, bucket in enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type, dst=driver,
-                                                         bucket_bytes=self.cfg.bucket_mb << 20, dtype=dtype)):
-                _wait_for_room(stream, i, reload)
-                tmp = os.path.join(stream, f".tmp_{i}")
-                save_file({k: v.contiguous() for k, v in bucket}, tmp)
-                os.rename(tmp, bucket_file(stream, i))  # atomic: the worker never sees a partial bucket
+        for i, bucket in self._engine_buckets(model):
+            _wait_for_room(stream, i, reload)
+            tmp = os.path.join(stream, f".tmp_{i}")
+            save_file({k: v.contiguous() for k, v in bucket}, tmp)
+            os.rename(tmp, bucket_file(stream, i))  # atomic: the worker never sees a partial bucket
         if reload is not None:
             open(os.path.join(stream, DONE_FILE), "w").close()
             reload.join()
