@@ -54,6 +54,12 @@ def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
     return torch.device("cpu")
 
 
+def new_group_like_world() -> Optional[dist.ProcessGroup]:
+    """A gloo group of every rank, with a communicator of its own (collective to create): for small host-side
+    agreements made in a thread while the main thread's collectives run on the world's groups."""
+    return dist.new_group(list(range(dist.get_world_size())), backend="gloo") if initialized() else None
+
+
 def world_size(group: Optional[dist.ProcessGroup] = None) -> int:
     return dist.get_world_size(group) if initialized() else 1
 
@@ -181,6 +187,26 @@ def gather_object(obj: object, dst: int = 0, group: Optional[dist.ProcessGroup] 
             continue
         b = b.cpu()
         out.append(_TensorUnpickler(memoryview(b[:skel].numpy()), b[_aligned(skel):]).load())
+    return out
+
+
+def exchange(sends: dict[int, torch.Tensor], recv_numels: dict[int, int], dtype: torch.dtype
+             ) -> dict[int, torch.Tensor]:
+    """Point-to-point over the world: ``sends[r]`` (a flat tensor of ``dtype``) goes to global rank r, and from
+    each rank r in ``recv_numels`` a flat tensor of that many elements arrives (returned per rank, on the
+    backend's device). Exact sizes, no padding and no third rank involved; every rank passes what it sends
+    and expects (the two sides agree by construction), ranks with neither may skip the call. One batch
+    (NCCL groups it, so ranks that send to each other cannot deadlock)."""
+    dev = comm_device()
+    ops, out = [], {}
+    for peer, t in sorted(sends.items()):
+        ops.append(dist.P2POp(dist.isend, _on_comm(t.contiguous(), None), peer))
+    for peer, n in sorted(recv_numels.items()):
+        out[peer] = torch.empty(n, dtype=dtype, device=dev)
+        ops.append(dist.P2POp(dist.irecv, out[peer], peer))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
     return out
 
 

@@ -193,8 +193,19 @@ def test_two_rank_layouts_equal_one_rank(models):
     Megatron), and a DDP-wrapped EP=2 model
     after an optimizer step (against the offline conversion of a checkpoint saved right after it)."""
     root, _ = models
-    layouts = ["ep2_alltoall", "ep2_allgather", "tp2", "pp2", "tp2_tied", "ep2_step"]
+    layouts = ["ep2_alltoall", "ep2_allgather", "tp2", "pp2", "tp2_tied", "ep2_step", "dp2"]
     proc = run_torchrun(SCRIPT, str(root), *layouts, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     done = re.findall(r"LIVE_EXPORT_OK (\w+)", proc.stdout)
     assert done == layouts, proc.stdout[-3000:]
+    # engine_weight_units: each destination receives what it lacks, exactly once, nothing through a third rank
+    found = re.findall(r"UNITS_OK (\w+) received=(\d+),(\d+) rank1_alone=(\d+) model=(\d+)", proc.stdout)
+    units = {m[0]: tuple(map(int, m[1:4])) for m in found}
+    model_bytes = {m[0]: int(m[4]) for m in found}
+    assert sorted(units) == sorted(set(layouts) - {"ep2_step"}), proc.stdout[-3000:]
+    assert units["dp2"] == (0, 0, 0)  # both replicas whole: nothing moves
+    for layout in ("ep2_alltoall", "tp2", "pp2"):
+        r0, r1, alone = units[layout]
+        # each rank holds a share of its own and receives the rest once: the two together hold the model once
+        assert 0 < r0 and 0 < r1 and r1 == alone, (layout, units[layout])
+        assert r0 + r1 <= model_bytes[layout], (layout, units[layout], model_bytes[layout])

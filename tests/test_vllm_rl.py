@@ -74,6 +74,26 @@ def test_one_step_off_with_vllm_overlaps_generation(countdown_data):
     assert last["mismatch/abs_logp_diff_mean"] > 0 and "time/rollout_wait_s" in last
 
 
+@pytest.mark.dist
+def test_one_step_off_overlaps_on_two_ranks_when_engines_have_devices_of_their_own(countdown_data, tmp_path):
+    """Two trainer ranks sharing one engine: with --rollout-devices (the engine on a core of its own) the next
+    rollout is generated in a thread while both ranks train; without, the same schedule runs sequentially.
+    Both give the same run, number for number (the thread's agreements use a group of their own)."""
+    from conftest import run_scalars, run_torchrun
+
+    runs = {}
+    for name, extra in (("overlap", ["--rollout-devices", "1"]), ("sequential", [])):
+        res = run_torchrun("-m", "megatron_rspo.rl.trainer",
+                           *_args(countdown_data, "--async-rollout", "--max-staleness", "1", "--train-iters", "3",
+                                  "--rollout-tensor-parallel-size", "2", "--tensorboard-dir", str(tmp_path / name),
+                                  *extra), nproc=2, timeout=900)
+        assert res.returncode == 0, res.stderr[-4000:]
+        said = "generation overlaps training" if name == "overlap" else "generate ahead, then train"
+        assert said in res.stdout + res.stderr
+        runs[name] = run_scalars(tmp_path / name)
+    assert runs["overlap"] == runs["sequential"] and runs["overlap"][("rollout/staleness_max", 3)] == 1.0
+
+
 def test_cuda_graphs_by_default_on_cuda_eager_on_cpu():
     from megatron_rspo.config import ParallelConfig, RunConfig
     from megatron_rspo.rl.behaviour import vllm_engine_config

@@ -69,6 +69,11 @@ class _Meta:
     offset: tuple[int, ...]
     box: tuple[int, ...]
     dtype: torch.dtype
+    main: bool = True  # the main replica (replica id all zeros); other replicas hold equal data
+
+    @property
+    def piece(self) -> tuple[str, tuple[int, ...]]:
+        return self.key, self.offset
 
 
 def _finish_param_sync(model: Any) -> None:
@@ -84,12 +89,14 @@ def _is_main(replica_id: Union[int, tuple[int, ...]]) -> bool:
     return all(r == 0 for r in (replica_id if isinstance(replica_id, tuple) else (replica_id,)))
 
 
-def _local_shards(model: Any) -> tuple[list[_Meta], list[torch.Tensor], list[str]]:
-    """This rank's main replicas (metadata, data) over all model chunks, and the problems seen."""
+def _local_shards(model: Any, replicas: bool = False) -> tuple[list[_Meta], list[torch.Tensor], list[str]]:
+    """This rank's main replicas (with ``replicas``: every replica it holds) over all model chunks (metadata,
+    data), and the problems seen."""
     metas, data, problems = [], [], []
     for chunk in model if isinstance(model, (list, tuple)) else [model]:  # virtual pipeline: a list of chunks
         for sh in sharded_tensors(model_sharded_state_dict(chunk)):  # canonical keys, either spec
-            if not _is_main(sh.replica_id):
+            main = _is_main(sh.replica_id)
+            if not (main or replicas):
                 continue
             if sh.flattened_range is not None:
                 problems.append(f"{sh.key}: a flattened shard (distributed-optimizer layout), not a model weight")
@@ -100,7 +107,8 @@ def _local_shards(model: Any) -> tuple[list[_Meta], list[torch.Tensor], list[str
                 continue
             layered = sh.key.startswith(LAYER_PREFIX)
             unit: Unit = sh.global_offset[0] if layered else ("embed" if sh.key == EMBED else "final")
-            metas.append(_Meta(sh.key, unit, tuple(sh.global_shape), tuple(sh.global_offset), box, sh.data.dtype))
+            metas.append(_Meta(sh.key, unit, tuple(sh.global_shape), tuple(sh.global_offset), box, sh.data.dtype,
+                               main))
             data.append(sh.data.detach())
     return metas, data, problems
 
@@ -191,6 +199,32 @@ def _assemble(parts: list[list[tuple[int, torch.Tensor]]], metas: list[list[_Met
     return out
 
 
+def _world_shards(model: Any, model_cfg: ModelConfig, model_type: Optional[str], replicas: bool = False
+                  ) -> tuple[Any, list[list[_Meta]], list[torch.Tensor]]:
+    """(arch, every rank's shard metadata, this rank's data), checked identically on every rank (collective)."""
+    arch = arch_of(hf_config(model_cfg, model_type))  # unsupported configs fail here, on every rank
+    _finish_param_sync(model)
+    metas, data, problems = _local_shards(model, replicas)
+    everyone = distributed.all_gather_object((metas, problems))
+    rank_metas = [m for m, _ in everyone]
+    world = [m for ms in rank_metas for m in ms if m.main]
+    problems = [p for _, rank_problems in everyone for p in rank_problems] or _check(world, model_cfg, arch)
+    if problems:
+        raise ConversionError("cannot export the live model to HF:\n  " + "\n  ".join(problems))
+    return arch, rank_metas, data
+
+
+def _units(model_cfg: ModelConfig) -> list[Unit]:
+    return ["embed", *range(model_cfg.num_layers), "final"]
+
+
+def _unit_to_hf(arch: Any, model_cfg: ModelConfig, unit: Unit, tensors: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    if isinstance(unit, int):
+        return layer_to_hf(arch, model_cfg, unit, {k[len(LAYER_PREFIX):]: v for k, v in tensors.items()})
+    return {GLOBAL[k]: tensors[k] for k in GLOBAL if k in tensors}  # GLOBAL's order: norm, then lm_head
+
+
 def hf_weight_buckets(model: Any, model_cfg: ModelConfig, model_type: Optional[str] = None,
                       bucket_bytes: int = 256 << 20, dst: int = 0,
                       dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
@@ -198,35 +232,26 @@ def hf_weight_buckets(model: Any, model_cfg: ModelConfig, model_type: Optional[s
     order, ``model.norm``, then ``lm_head`` (untied only). Each bucket holds at most ``bucket_bytes``
     unless one tensor is bigger. Yields nothing on other ranks but runs the same collectives: iterate it
     to exhaustion on every rank. ``model``: this rank's (possibly DDP-wrapped) model or its list of chunks;
-    ``dtype`` default: the model's parameter dtype."""
-    arch = arch_of(hf_config(model_cfg, model_type))  # unsupported configs fail here, on every rank
+    ``dtype`` default: the model's parameter dtype. Each unit's main replicas are gathered to ``dst`` (the
+    file stream's path; ``engine_weight_units`` sends each engine only what it lacks, point to point)."""
     if not 0 <= dst < distributed.world_size():
         raise ValueError(f"dst={dst} is not a rank of the world (size {distributed.world_size()})")
-    _finish_param_sync(model)
-    metas, data, problems = _local_shards(model)
-    everyone = distributed.all_gather_object((metas, problems))
-    rank_metas = [m for m, _ in everyone]
-    world = [m for ms in rank_metas for m in ms]
-    problems = [p for _, rank_problems in everyone for p in rank_problems] or _check(world, model_cfg, arch)
-    if problems:
-        raise ConversionError("cannot export the live model to HF:\n  " + "\n  ".join(problems))
-    out_dtype = dtype or next(m.dtype for m in world if m.key == EMBED)
+    arch, rank_metas, data = _world_shards(model, model_cfg, model_type)
+    metas = rank_metas[distributed.rank()]
+    out_dtype = dtype or next(m.dtype for ms in rank_metas for m in ms if m.key == EMBED)
     by_unit: dict[Unit, list[int]] = {}
     for i, m in enumerate(metas):
         by_unit.setdefault(m.unit, []).append(i)
     me = distributed.rank()
     buckets = _Buckets(bucket_bytes)
-    for unit in ["embed", *range(model_cfg.num_layers), "final"]:
+    for unit in _units(model_cfg):
         # (index into this rank's metadata, data in the export dtype: cast on the model's device)
         parts = distributed.gather_object([(i, data[i].to(out_dtype)) for i in by_unit.get(unit, [])], dst)
         if me != dst:
             continue
         tensors = _assemble(parts, rank_metas, out_dtype)
         del parts
-        if isinstance(unit, int):
-            hf = layer_to_hf(arch, model_cfg, unit, {k[len(LAYER_PREFIX):]: v for k, v in tensors.items()})
-        else:
-            hf = {GLOBAL[k]: tensors[k] for k in GLOBAL if k in tensors}  # GLOBAL's order: norm, then lm_head
+        hf = _unit_to_hf(arch, model_cfg, unit, tensors)
         del tensors
         for name, t in hf.items():
             if (full := buckets.add(name, t)) is not None:
@@ -235,3 +260,74 @@ def hf_weight_buckets(model: Any, model_cfg: ModelConfig, model_type: Optional[s
         buckets.detach()
     if me == dst and (last := buckets.flush()) is not None:
         yield last
+
+
+def _routes(rank_metas: list[list[_Meta]], dsts: list[int], near: dict[int, list[int]]
+            ) -> dict[int, dict[tuple, int]]:
+    """For each destination, the rank each piece comes from: the destination itself when it holds a replica,
+    else the first rank of ``near[dst]`` (nearest first: its engine group, its node) that holds one, else the
+    main replica's rank."""
+    holders: dict[tuple, list[int]] = {}
+    main: dict[tuple, int] = {}
+    for r, ms in enumerate(rank_metas):
+        for m in ms:
+            holders.setdefault(m.piece, []).append(r)
+            if m.main:
+                main[m.piece] = r
+    routes: dict[int, dict[tuple, int]] = {}
+    for d in dsts:
+        prefer = [d, *near.get(d, [])]
+        routes[d] = {p: next((r for r in prefer if r in hs), main.get(p, hs[0])) for p, hs in holders.items()}
+    return routes
+
+
+def engine_weight_units(model: Any, model_cfg: ModelConfig, model_type: Optional[str] = None,
+                        dsts: Optional[list[int]] = None, near: Optional[dict[int, list[int]]] = None,
+                        dtype: Optional[torch.dtype] = None) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
+    """``(unit, {hf_name: tensor})`` of the whole model, unit by unit (the embedding, each layer, the final norm
+    and head), on every rank of ``dsts`` (each rollout engine's driver; default: rank 0); nothing elsewhere,
+    but every rank iterates to exhaustion (each unit is one point-to-point exchange).
+
+    Each destination receives each piece once, exactly sized, from the nearest rank holding a replica of
+    it (itself, then ``near[dst]`` in order -- its engine group, its node -- then the main replica's owner):
+    with data-parallel replicas inside a group or node nothing leaves it, and no rank gathers what another
+    engine needs.
+    Bytes received per destination are at most one model (in ``dtype``), minus what it holds itself."""
+    world, me = distributed.world_size(), distributed.rank()
+    dsts = [0] if dsts is None else list(dsts)
+    if any(not 0 <= d < world for d in dsts):
+        raise ValueError(f"destinations {dsts} are not all ranks of the world (size {world})")
+    arch, rank_metas, data = _world_shards(model, model_cfg, model_type, replicas=True)
+    out_dtype = dtype or next(m.dtype for ms in rank_metas for m in ms if m.key == EMBED)
+    routes = _routes(rank_metas, dsts, near or {})
+    # this unit's pieces each destination takes from each rank: [(rank, index into its metadata)] in one order
+    plan: dict[Unit, dict[int, list[tuple[int, int]]]] = {}
+    for d in dsts:
+        for r, ms in enumerate(rank_metas):
+            for i, m in enumerate(ms):
+                if routes[d].get(m.piece) == r:
+                    routes[d].pop(m.piece)  # once, from the first replica listed on that rank
+                    plan.setdefault(m.unit, {}).setdefault(d, []).append((r, i))
+    for unit in _units(model_cfg):
+        takes = plan.get(unit, {})
+        sends = {d: torch.cat([data[i].to(out_dtype).reshape(-1) for r, i in got if r == me])
+                 for d, got in takes.items() if d != me and any(r == me for r, _ in got)}
+        recvs: dict[int, int] = {}
+        for r, i in takes.get(me, []):
+            if r != me:
+                recvs[r] = recvs.get(r, 0) + math.prod(rank_metas[r][i].box)
+        received = distributed.exchange(sends, recvs, out_dtype)
+        del sends
+        if me not in takes:
+            continue
+        parts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in rank_metas]
+        offsets = dict.fromkeys(received, 0)
+        for r, i in takes[me]:
+            if r == me:
+                parts[r].append((i, data[i]))
+                continue
+            n = math.prod(rank_metas[r][i].box)
+            parts[r].append((i, received[r][offsets[r]: offsets[r] + n]))
+            offsets[r] += n
+        del received
+        yield unit, _unit_to_hf(arch, model_cfg, unit, _assemble(parts, rank_metas, out_dtype))

@@ -26,6 +26,7 @@ from megatron_rspo.rl.corrections import get_rollout_correction
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.mismatch import mismatch_stats
 from megatron_rspo.rollout.engine import MegatronEngine, RolloutEngine
+from megatron_rspo.rollout.placement import parse_devices
 from megatron_rspo.rollout.sampling import StopIds
 
 
@@ -37,11 +38,16 @@ def vllm_engine_config(rl: RLConfig, run: RunConfig, par: ParallelConfig, cuda: 
     eager = not cuda if rl.rollout_enforce_eager is None else rl.rollout_enforce_eager
     per_engine = rollout_ranks_per_engine(rl, par, world)
     engine_tp = rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
+    reserved = parse_devices(rl.rollout_devices) if rl.rollout_devices else None
+    sleep = rl.rollout_sleep_level
+    if sleep is None:  # colocated on GPUs: the trainer gets the engine's memory back while it trains
+        sleep = 2 if cuda and reserved is None else 0
     return VLLMEngineConfig(dtype=rl.rollout_dtype, kv_cache_gib=rl.vllm_kv_cache_gib,
                             gpu_memory_utilization=rl.vllm_gpu_memory_utilization, bucket_mb=rl.weight_sync_bucket_mb,
                             seed=run.seed, enforce_eager=eager, ranks_per_engine=per_engine,
                             tensor_parallel=engine_tp if cuda else 1,
-                            return_routed_experts=rl.routing_replay_source == "rollout")
+                            return_routed_experts=rl.routing_replay_source == "rollout",
+                            weight_sync=rl.rollout_weight_sync, sleep_level=sleep, reserved_devices=reserved)
 
 
 def build_rollout_engine(rl: RLConfig, run: RunConfig, par: ParallelConfig, model: torch.nn.Module,

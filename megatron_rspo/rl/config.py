@@ -52,7 +52,25 @@ class RLConfig:
     rollout_dtype: Literal["bfloat16", "float32", "float16"] = arg("bfloat16", "vLLM's weights and compute dtype.")
     vllm_kv_cache_gib: float = arg(1.0, "vLLM KV-cache space on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = arg(0.5, "vLLM's share of the GPU's memory (the trainer keeps the rest).")
-    weight_sync_bucket_mb: int = arg(256, "Weight sync Megatron -> vLLM: MiB per streamed bucket.")
+    weight_sync_bucket_mb: int = arg(256, "Weight sync Megatron -> vLLM: MiB per bucket (whole layers per bucket "
+                                          "with handles, a bigger layer alone).")
+    rollout_weight_sync: Literal["handles", "file"] = arg(
+        "handles", "How weights reach vLLM: handles (each engine gets only what it lacks, point to point, through "
+                   "memory its worker maps: shared memory on CPU, CUDA IPC on GPU; the engine starts without the "
+                   "model on disk) or file (the fallback: gathered per engine, safetensors files in /dev/shm).")
+    rollout_sleep_level: Optional[int] = arg(
+        None, "vLLM sleep while the trainer trains: 0 off, 1 weights to host and KV dropped, 2 both dropped (the "
+              "sync reloads the weights anyway). None: 2 on CUDA with colocated engines, else 0 (no sleep on CPU).")
+    offload_optimizer_during_rollout: bool = arg(
+        False, "Megatron's optimizer state (and fp32 main params) to host memory while rollouts are generated "
+               "(optimizer.offload_to_cpu; needs --bf16; CUDA only, a no-op on CPU).")
+    offload_grads_during_rollout: bool = arg(
+        False, "Free Megatron's gradient buffers while rollouts are generated (DDP.offload_grad_buffers).")
+    rollout_devices: Optional[str] = arg(
+        None, "Devices reserved for the vLLM engines on every node, e.g. 4,5,6,7 or 4-7 (CUDA device ids; CPU core "
+              "ids on a CPU machine), shared evenly by the node's engines; the trainer keeps the rest. Engines and "
+              "trainer then share no device: --async-rollout overlaps generation with training on any number of "
+              "ranks, and there is nothing to sleep or offload. None: engines on their group's own devices.")
     rollout_tensor_parallel_size: Optional[int] = arg(
         None, "Trainer ranks (GPUs) per vLLM engine, and the engine's tensor parallelism on CUDA (None: "
               "--tensor-model-parallel-size; with pipeline parallelism one engine for all). Each group of this many "
@@ -184,7 +202,7 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
     need(not (rl.routing_replay and rl.freeze_router), "--routing-replay and --freeze-router are separate baselines; "
                                                        "pick one")
     world = dp * par.tensor_model_parallel_size * par.pipeline_model_parallel_size if dp else None
-    errors += engine_errors(rl, par=par, world=world)
+    errors += engine_errors(rl, par=par, world=world, model=model)
     if rl.router_shift_placement == "token_gm":
         need(rl.rl_algorithm in ("gmpo", "rspo"), "--router-shift-placement token_gm (ours: per-token gamma inside "
                                                   "the geometric mean) is defined for gmpo/rspo only")
@@ -231,8 +249,46 @@ def rl_errors(rl: RLConfig, par: ParallelConfig, dp: Optional[int], model: Optio
     return errors
 
 
+def overlaps_generation(rl: RLConfig, world: int) -> bool:
+    """Whether rollouts are generated while the trainer trains: the off-policy schedule with vLLM (an engine in
+    processes of its own), when one trainer rank runs or the engines have devices of their own."""
+    return (rl.async_rollout and rl.max_staleness > 0 and rl.rollout_engine == "vllm"
+            and (world == 1 or rl.rollout_devices is not None))
+
+
+def handoff_errors(rl: RLConfig, model: Optional[ModelConfig] = None, world: Optional[int] = None) -> list[str]:
+    """Problems of the memory-handoff and engine-device flags."""
+    from megatron_rspo.rollout.placement import parse_devices
+
+    errors = []
+    if rl.rollout_sleep_level not in (None, 0, 1, 2):
+        errors.append(f"--rollout-sleep-level must be 0, 1 or 2 (got {rl.rollout_sleep_level})")
+    vllm_only = [f for f, on in (("--rollout-sleep-level", rl.rollout_sleep_level), ("--rollout-devices",
+                                                                                    rl.rollout_devices)) if on]
+    if rl.rollout_engine != "vllm" and vllm_only:
+        errors.append(f"{' and '.join(vllm_only)} only apply to --rollout-engine vllm")
+    handoff = [f for f, on in (("--rollout-sleep-level", rl.rollout_sleep_level),
+                               ("--offload-optimizer-during-rollout", rl.offload_optimizer_during_rollout),
+                               ("--offload-grads-during-rollout", rl.offload_grads_during_rollout)) if on]
+    if rl.rollout_devices is not None:
+        try:
+            parse_devices(rl.rollout_devices)
+        except ValueError as e:
+            errors.append(str(e))
+        if handoff:
+            errors.append(f"{', '.join(handoff)} with --rollout-devices: engines on devices of their own share no "
+                          "memory with the trainer, so there is nothing to hand over")
+    elif handoff and world and overlaps_generation(rl, world):
+        errors.append(f"{', '.join(handoff)} with --async-rollout on one rank: the engine generates while the "
+                      "trainer trains, so neither can hand its memory to the other; drop them or the overlap")
+    if rl.offload_optimizer_during_rollout and model is not None and not model.bf16:
+        errors.append("--offload-optimizer-during-rollout needs --bf16: Megatron offloads the optimizer's "
+                      "parameters, which without mixed precision are the model's own weights")
+    return errors
+
+
 def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None, par: Optional[ParallelConfig] = None,
-                  world: Optional[int] = None) -> list[str]:
+                  world: Optional[int] = None, model: Optional[ModelConfig] = None) -> list[str]:
     """Problems of the rollout-engine and mismatch-correction flags (the engine layout with ``par`` and
     ``world``)."""
     errors = []
@@ -255,6 +311,7 @@ def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None, par: Opti
             errors.append("--vllm-kv-cache-gib must be > 0 and --vllm-gpu-memory-utilization in (0, 1]")
         if rl.weight_sync_bucket_mb < 1:
             errors.append(f"--weight-sync-bucket-mb must be >= 1 (got {rl.weight_sync_bucket_mb})")
+    errors += handoff_errors(rl, model, world)
     if rl.routing_replay_source == "rollout":
         import torch
 

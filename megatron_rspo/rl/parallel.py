@@ -243,10 +243,11 @@ def localize(exp: Experience, layout: RoutingLayout, dp_rank: int = 0, dp_size: 
     return out
 
 
-def agreed_forward_length(length: int, multiple: int = 1) -> int:
+def agreed_forward_length(length: int, multiple: int = 1, group: Optional[dist.ProcessGroup] = None) -> int:
     """The forward length every rank uses: the max over all ranks (MoE dispatchers gather tokens over EP
-    ranks, pipeline stages exchange fixed-shape activations), rounded up to ``multiple`` (SP: TP | length)."""
-    length = distributed.agree_int(length, dist.ReduceOp.MAX)
+    ranks, pipeline stages exchange fixed-shape activations), rounded up to ``multiple`` (SP: TP | length).
+    ``group``: a group spanning every rank (default: the world)."""
+    length = distributed.agree_int(length, dist.ReduceOp.MAX, group)
     return -(-length // multiple) * multiple
 
 

