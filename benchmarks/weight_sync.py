@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--bucket-mb", type=int, default=256)
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the trainer's weights: float32 (CPU training; cast on the way) or bfloat16 (as with --bf16 "
+                        "on GPUs: no cast)")
     args = p.parse_args()
 
     from megatron_rspo.config import ModelConfig, ParallelConfig
@@ -67,7 +70,7 @@ def main() -> None:
     par = ParallelConfig(expert_model_parallel_size=2)
     init_distributed(par, seed=1)
     rank = dist.get_rank()
-    model = build_model(cfg, par)
+    model = build_model(cfg, par).to(getattr(torch, args.model_dtype))
     counted = _Counted()
     engine = VLLMEngine(model, cfg, VLLMEngineConfig(ranks_per_engine=2, bucket_mb=args.bucket_mb,
                                                      kv_cache_gib=1.0), model_type="qwen3_moe")
@@ -75,6 +78,7 @@ def main() -> None:
              "file": WeightSync("file", engine.placement, cfg, "qwen3_moe", torch.bfloat16, args.bucket_mb << 20,
                                 engine.workdir)}
     rows: dict[str, list[tuple[float, float, int, int]]] = {m: [] for m in syncs}
+    parts: list[tuple[float, float, float]] = []
     version = 1
     for _ in range(args.repeats):
         for mode, sync in syncs.items():
@@ -87,10 +91,15 @@ def main() -> None:
             dist.barrier()
             version += 1
             rows[mode].append((stats.seconds, stats.engine_load_seconds, counted.bytes - before, stats.bytes_staged))
+            if mode == "handles":
+                parts.append((stats.collect_seconds, stats.stage_seconds, stats.wait_seconds))
     if rank == 0:
         # the model in HF layout, bf16: what handles stage (each tensor aligned to 256 bytes; the file path writes
         # the same tensors once into safetensors files)
         _report(rows, statistics.median(r[3] for r in rows["handles"]), args)
+        c, st, w = (statistics.median(x[i] for x in parts) for i in range(3))
+        print(f"handles, the driver's side: collecting units {c:.2f} s, staging {st:.2f} s, waiting for the "
+              f"engine {w:.2f} s")
     engine.shutdown()
     shutdown_distributed()
 
@@ -100,7 +109,8 @@ def _report(rows, model_bytes: int, args) -> None:
     med = {m: [statistics.median(r[i] for r in rs) for i in range(4)] for m, rs in rows.items()}
     h, f = med["handles"], med["file"]
     print(f"\nmodel: {model_bytes / gb:.3f} GB in bf16 ({args.layers} layers, {args.experts} experts, hidden "
-          f"{args.hidden}); 2 trainer ranks (EP=2), one vLLM engine on rank 0; median of {args.repeats}\n")
+          f"{args.hidden}); trainer weights in {args.model_dtype}; 2 trainer ranks (EP=2), one vLLM engine on "
+          f"rank 0; median of {args.repeats}\n")
     print("| path | total s | engine's own loading s | transfer s | bytes received by the driver | bytes to the "
           "engine |")
     print("|---|---:|---:|---:|---:|---:|")

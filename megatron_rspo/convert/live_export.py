@@ -172,9 +172,12 @@ class _Buckets:
         return full
 
 
-def _assemble(parts: list[list[tuple[int, torch.Tensor]]], metas: list[list[_Meta]],
-              dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The unit's global tensors (layer axis dropped) from every rank's pieces; checks full coverage."""
+def _assemble(parts: list[list[tuple[int, torch.Tensor]]], metas: list[list[_Meta]], dtype: torch.dtype,
+              device: Optional[torch.device] = None, whole_as_view: bool = False) -> dict[str, torch.Tensor]:
+    """The unit's global tensors (layer axis dropped) from every rank's pieces, on ``device`` (default: the
+    host); checks full coverage. ``whole_as_view``: a piece that is the whole tensor, already on ``device``,
+    is returned as a view of itself in its own dtype (no copy; the caller casts where it copies anyway)."""
+    device = device or torch.device("cpu")
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
     on_device = False
@@ -183,14 +186,18 @@ def _assemble(parts: list[list[tuple[int, torch.Tensor]]], metas: list[list[_Met
             i, piece = rank_parts.pop()  # drop each piece once copied
             m = rank_metas[i]
             skip = 1 if isinstance(m.unit, int) else 0  # the layer axis
+            shape = m.global_shape[skip:]
+            if whole_as_view and m.box[skip:] == shape and piece.device == device:
+                out[m.key], filled[m.key] = piece.view(shape), piece.numel()
+                continue
             if m.key not in out:
-                out[m.key] = torch.empty(m.global_shape[skip:], dtype=dtype)
+                out[m.key] = torch.empty(shape, dtype=dtype, device=device)
                 filled[m.key] = 0
             region = out[m.key]
             for dim, (o, b) in enumerate(zip(m.offset[skip:], m.box[skip:])):
                 region = region.narrow(dim, o, b)
             region.copy_(piece.view(m.box[skip:]), non_blocking=True)  # one host sync below, not one per piece
-            on_device |= piece.device.type != "cpu"
+            on_device |= piece.device.type != "cpu" or device.type != "cpu"
             filled[m.key] += piece.numel()
     if on_device:
         torch.cuda.current_stream().synchronize()
@@ -283,7 +290,8 @@ def _routes(rank_metas: list[list[_Meta]], dsts: list[int], near: dict[int, list
 
 def engine_weight_units(model: Any, model_cfg: ModelConfig, model_type: Optional[str] = None,
                         dsts: Optional[list[int]] = None, near: Optional[dict[int, list[int]]] = None,
-                        dtype: Optional[torch.dtype] = None) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
+                        dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+                        ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
     """``(unit, {hf_name: tensor})`` of the whole model, unit by unit (the embedding, each layer, the final norm
     and head), on every rank of ``dsts`` (each rollout engine's driver; default: rank 0); nothing elsewhere,
     but every rank iterates to exhaustion (each unit is one point-to-point exchange).
@@ -292,7 +300,11 @@ def engine_weight_units(model: Any, model_cfg: ModelConfig, model_type: Optional
     it (itself, then ``near[dst]`` in order -- its engine group, its node -- then the main replica's owner):
     with data-parallel replicas inside a group or node nothing leaves it, and no rank gathers what another
     engine needs.
-    Bytes received per destination are at most one model (in ``dtype``), minus what it holds itself."""
+    Bytes received per destination are at most one model (in ``dtype``), minus what it holds itself.
+
+    Tensors are assembled on ``device`` (default: the host; the engine's staging device), in ``dtype``,
+    except that a tensor the destination holds whole comes as a view of its own weight, in the model's dtype
+    (no copy: the caller copies it once, casting, and must not step the optimizer meanwhile)."""
     world, me = distributed.world_size(), distributed.rank()
     dsts = [0] if dsts is None else list(dsts)
     if any(not 0 <= d < world for d in dsts):
@@ -330,4 +342,4 @@ def engine_weight_units(model: Any, model_cfg: ModelConfig, model_type: Optional
             parts[r].append((i, received[r][offsets[r]: offsets[r] + n]))
             offsets[r] += n
         del received
-        yield unit, _unit_to_hf(arch, model_cfg, unit, _assemble(parts, rank_metas, out_dtype))
+        yield unit, _unit_to_hf(arch, model_cfg, unit, _assemble(parts, rank_metas, out_dtype, device, True))

@@ -31,12 +31,14 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def layout(bucket: Bucket) -> tuple[list[tuple[str, str, list[int], int]], int]:
-    """(items: name, dtype name, shape, byte offset) and the bytes a slot needs for ``bucket``."""
+def layout(bucket: Bucket, dtype: Optional[torch.dtype] = None) -> tuple[list[tuple[str, str, list[int], int]], int]:
+    """(items: name, dtype name, shape, byte offset) and the bytes a slot needs for ``bucket``, each tensor in
+    ``dtype`` (default: its own)."""
     items, offset = [], 0
     for name, t in bucket:
-        items.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset))
-        offset += _aligned(t.numel() * t.element_size())
+        dt = dtype or t.dtype
+        items.append((name, str(dt).removeprefix("torch."), list(t.shape), offset))
+        offset += _aligned(t.numel() * dt.itemsize)
     return items, offset
 
 
@@ -61,10 +63,11 @@ class StagingSlots:
         self.turn = 0
         self.created = 0
 
-    def stage(self, bucket: Bucket) -> dict:
-        """Copy ``bucket`` into the next slot; returns the handle the worker opens. The caller must not stage
-        into a slot the worker is still reading (the two slots alternate: wait for call i before i+2)."""
-        items, nbytes = layout(bucket)
+    def stage(self, bucket: Bucket, dtype: Optional[torch.dtype] = None) -> dict:
+        """Copy ``bucket`` into the next slot, cast to ``dtype`` on the way (default: as is); returns the handle
+        the worker opens. The caller must not stage into a slot the worker is still reading (the two slots
+        alternate: wait for call i before i+2)."""
+        items, nbytes = layout(bucket, dtype)
         k, self.turn = self.turn, 1 - self.turn
         slot = self.slots[k]
         if slot is None or slot[1].numel() < nbytes:

@@ -36,6 +36,11 @@ class SyncStats:
     seconds: float = 0.0  # the whole sync, on this rank
     engine_load_seconds: float = 0.0  # inside the engine: vLLM loading and post-processing the weights
     bytes_staged: int = 0  # bytes handed to this rank's engine (0 on other ranks)
+    # the driver's side of a handles sync: collecting units (exchanges, assembly), staging them, waiting for
+    # the engine to finish a bucket
+    collect_seconds: float = 0.0
+    stage_seconds: float = 0.0
+    wait_seconds: float = 0.0
     history: list[float] = field(default_factory=list)
 
     @property
@@ -43,14 +48,15 @@ class SyncStats:
         return self.seconds - self.engine_load_seconds
 
 
-def unit_buckets(units: Iterator[tuple[Any, dict[str, torch.Tensor]]], limit: int
-                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Whole units grouped into buckets of at most ``limit`` bytes (a bigger unit alone): vLLM post-processes
-    a layer once all its weights arrived, so a unit never straddles two buckets."""
+def unit_buckets(units: Iterator[tuple[Any, dict[str, torch.Tensor]]], limit: int,
+                 dtype: Optional[torch.dtype] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Whole units grouped into buckets of at most ``limit`` bytes in ``dtype`` (default: the tensors' own; a
+    bigger unit alone): vLLM post-processes a layer once all its weights arrived, so a unit never straddles
+    two buckets."""
     items: list[tuple[str, torch.Tensor]] = []
     size = 0
     for _, tensors in units:
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values())
         if items and size + nbytes > limit:
             yield items
             items, size = [], 0
@@ -103,21 +109,31 @@ class WeightSync:
         near = {d: [*range(d, d + p.ranks_per_engine), *range(d // node * node, (d // node + 1) * node)]
                 for d in p.drivers}
         units = engine_weight_units(model, self.model_cfg, self.model_type, dsts=p.drivers, near=near,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, device=self.slots.device)
         if llm is None:  # not a driver: serve the exchanges
             for _ in units:
                 pass
             return
         llm.collective_rpc("begin_update")
         loading: Optional[_Background] = None
-        for bucket in unit_buckets(units, self.bucket_bytes):
-            handle = self.slots.stage(bucket)  # the other slot: the worker may still read the previous one
-            stats.bytes_staged += handle["nbytes"]
+        buckets = unit_buckets(units, self.bucket_bytes, self.dtype)
+        while True:
+            t0 = time.perf_counter()
+            bucket = next(buckets, None)
+            t1 = time.perf_counter()
+            stats.collect_seconds += t1 - t0
+            if bucket is not None:
+                # the other slot: the worker may still read the previous one; the model's own tensors cast here
+                handle = self.slots.stage(bucket, self.dtype)
+                stats.bytes_staged += handle["nbytes"]
+            t2 = time.perf_counter()
             if loading is not None:
                 loading.join()
+            stats.stage_seconds += t2 - t1
+            stats.wait_seconds += time.perf_counter() - t2
+            if bucket is None:
+                break
             loading = _Background(llm.collective_rpc, "load_bucket", args=(handle,))
-        if loading is not None:
-            loading.join()
         stats.engine_load_seconds = max(llm.collective_rpc("finish_update"))
 
     # ------------------------------------------------------------------ file stream
