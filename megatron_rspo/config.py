@@ -135,6 +135,22 @@ class OptimConfig:
     adam_beta2: float = arg(0.95, "Adam: second coefficient for the running averages of its square.")
     adam_eps: float = arg(1e-8, "Adam: term added to the denominator for numerical stability.")
     clip_grad: float = arg(1.0, "Gradient clipping on the global L2 norm (0: off).")
+    # Megatron-Core's optimizer offload and precision-aware optimizer (CUDA, the distributed optimizer)
+    optimizer_cpu_offload: bool = arg(False, "Keep Adam's state and main params on the host and step there (Megatron's "
+                                             "HybridDeviceOptimizer; needs --use-precision-aware-optimizer).")
+    optimizer_offload_fraction: float = arg(1.0, "With --optimizer-cpu-offload: the share of the optimizer state "
+                                                 "kept on the host (the rest stays on the GPU).")
+    overlap_cpu_optimizer_d2h_h2d: bool = arg(False, "With --optimizer-cpu-offload: overlap the host step with the "
+                                                     "device<->host copies.")
+    use_precision_aware_optimizer: bool = arg(False, "Optimizer state and main params in the dtypes below (TE's "
+                                                     "FusedAdam, or the host optimizer with --optimizer-cpu-offload); "
+                                                     "needs --use-distributed-optimizer.")
+    main_grads_dtype: Literal["fp32", "bf16"] = arg("fp32", "Main gradients' dtype (precision-aware optimizer).")
+    main_params_dtype: Literal["fp32", "fp16"] = arg("fp32", "Main parameters' dtype (precision-aware optimizer).")
+    exp_avg_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = arg("fp32", "Adam's first moment dtype (precision-aware "
+                                                                        "optimizer).")
+    exp_avg_sq_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = arg("fp32", "Adam's second moment dtype "
+                                                                           "(precision-aware optimizer).")
 
 
 @dataclass

@@ -64,7 +64,7 @@ class SFTConfig:
 def validate_sft_run(model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfig, run: RunConfig, sft: SFTConfig,
                      world_size: int = 1, cuda: bool | None = None, check_files: bool = True) -> None:
     """Every problem of an SFT command line in one ConfigError, before any process group or model exists."""
-    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda)
+    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda, opt)
     errors += optim_errors(opt) + run_errors(run, check_files)
     for name, low in (("micro_batch_size", 1), ("train_iters", 1), ("eval_samples", 0), ("eval_max_new_tokens", 1)):
         if getattr(sft, name) < low:

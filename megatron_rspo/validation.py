@@ -177,11 +177,12 @@ def _implementation_errors(model: ModelConfig, cuda: bool) -> list[str]:
     return errors
 
 
-def training_errors(model: ModelConfig, parallel: ParallelConfig, cuda: Optional[bool] = None) -> list[str]:
+def training_errors(model: ModelConfig, parallel: ParallelConfig, cuda: Optional[bool] = None,
+                    opt: Optional[OptimConfig] = None) -> list[str]:
     """Problems of the training setup (DDP, optimizer) beyond building the model. The model alone may be
     bf16 on CPU (checkpoint conversion builds one); training it may not."""
     cuda = cuda_default(cuda)
-    errors = []
+    errors = offload_errors(opt, parallel, cuda) if opt is not None else []
     if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
         errors.append("--overlap-param-gather requires --use-distributed-optimizer")
     if not cuda:
@@ -195,6 +196,40 @@ def training_errors(model: ModelConfig, parallel: ParallelConfig, cuda: Optional
         if parallel.use_distributed_optimizer:
             errors.append(f"--use-distributed-optimizer needs CUDA: Megatron's DistributedOptimizer only accepts "
                           f"torch.cuda.* {why}")
+    return errors
+
+
+def offload_errors(opt: OptimConfig, parallel: ParallelConfig, cuda: bool) -> list[str]:
+    """The optimizer offload and precision-aware flags, as megatron-core 0.16.1 needs them (its asserts, said
+    before any model is built)."""
+    errors = []
+    low = [f"--{n.replace('_', '-')} {getattr(opt, n)}" for n in ("main_grads_dtype", "main_params_dtype",
+                                                                 "exp_avg_dtype", "exp_avg_sq_dtype")
+           if getattr(opt, n) != "fp32"]
+    if low and not opt.use_precision_aware_optimizer:
+        errors.append(f"{', '.join(low)} need --use-precision-aware-optimizer")
+    if not 0.0 <= opt.optimizer_offload_fraction <= 1.0:
+        errors.append(f"--optimizer-offload-fraction must be in [0, 1] (got {opt.optimizer_offload_fraction})")
+    if not opt.optimizer_cpu_offload and (opt.optimizer_offload_fraction != 1.0 or opt.overlap_cpu_optimizer_d2h_h2d):
+        errors.append("--optimizer-offload-fraction and --overlap-cpu-optimizer-d2h-h2d only apply with "
+                      "--optimizer-cpu-offload")
+    if opt.optimizer_cpu_offload and not opt.use_precision_aware_optimizer:
+        errors.append("--optimizer-cpu-offload needs --use-precision-aware-optimizer (Megatron's host optimizer "
+                      "runs on that code path)")
+    wants = [f for f, on in (("--optimizer-cpu-offload", opt.optimizer_cpu_offload),
+                             ("--use-precision-aware-optimizer", opt.use_precision_aware_optimizer)) if on]
+    if wants and not parallel.use_distributed_optimizer:
+        errors.append(f"{' and '.join(wants)} need --use-distributed-optimizer")
+    if wants and not cuda:
+        errors.append(f"{' and '.join(wants)} need CUDA (megatron-core 0.16.1's host optimizer takes CUDA streams; "
+                      "the distributed optimizer only accepts CUDA parameters)")
+    elif opt.use_precision_aware_optimizer:
+        from megatron_rspo.capabilities import probe
+
+        if not probe().transformer_engine:
+            # its FusedAdam; and megatron-core 0.16.1's OptimizerConfig reads TE's version even for the host
+            # optimizer (a TypeError without TE)
+            errors.append("--use-precision-aware-optimizer needs transformer-engine (pip install -e .[gpu])")
     return errors
 
 

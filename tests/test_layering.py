@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_rspo"
-BELOW_RL = {"model", "rollout", "convert", "tasks", "compat"}
+BELOW_RL = {"model", "rollout", "convert", "tasks", "compat", "planning"}
 
 
 def _graph() -> dict[str, set[str]]:

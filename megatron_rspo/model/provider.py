@@ -201,12 +201,13 @@ def block_spec(model: ModelConfig, config: TransformerConfig, caps: Capabilities
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool = True, *,
-                ddp: bool = False) -> GPTModel:
+                ddp: bool = False, to_device: bool = True) -> GPTModel:
     """The GPTModel of this rank (its pipeline stage), with recording routers.
 
     Parallel state must be initialised (``init_distributed``). ``init_weights=False`` skips the random
     initialisation (weights are loaded right after, e.g. by checkpoint conversion). ``ddp``: the caller
     wraps the model in Megatron's DDP (enables the gradient-accumulation fusion where available).
+    ``to_device=False`` leaves it where it was built (e.g. the meta device, to count a rank's share).
     """
     if model.vocab_size <= 0:
         raise ConfigError("--vocab-size is unset (take it from the tokenizer)")
@@ -230,7 +231,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool
     for r in gpt.modules():
         if isinstance(r, RecordingTopKRouter):
             r.moe_index = moe_numbers.index(r.layer_number)
-    if cuda_available():
+    if to_device and cuda_available():
         gpt.cuda()
     return gpt
 

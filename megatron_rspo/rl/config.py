@@ -131,7 +131,13 @@ class RLConfig:
     loss_agg: Literal["token_mean", "seq_mean_token_mean"] = arg("token_mean", "GRPO loss aggregation (gspo, gmpo "
                                                                                "and rspo are sequence means).")
     normalize_advantage_std: bool = arg(True, "Divide group-relative advantages by the group's reward std.")
-    kl_coeff: float = arg(0.0, "KL penalty to the initial (reference) policy, k3 estimator (0: off).")
+    kl_coeff: float = arg(0.0, "KL penalty to the initial (reference) policy, k3 estimator (0: off, the default: "
+                               "RLVR recipes (DAPO, the RSPO paper) train without it, and the reference costs a "
+                               "second copy of the weights plus a forward pass per rollout).")
+    skip_memory_check: bool = arg(False, "Start even when the memory planner says a rank's device cannot hold the "
+                                         "run (it checks before building the model; tools/plan_memory.py).")
+    offload_reference: bool = arg(True, "Keep the KL reference's weights in host memory between its passes (moved to "
+                                        "the device for each pass; nothing moves on a CPU machine).")
     entropy_coeff: float = arg(0.0, "Entropy bonus coefficient (0: off).")
     # Router shift (RS): on for rspo; a plug-in for the others
     router_shift: bool = arg(False, "Router-shift rescaling for any algorithm (always on for rspo).")
@@ -374,7 +380,7 @@ def validate_rl_run(model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfi
     """Check a whole RL command line before any process group or model exists; raise one ConfigError that lists
     every problem. ``model_cfg`` is the policy's (``effective_model_config``); ``cuda``: whether the run is on CUDA
     (default: torch.cuda.is_available()); ``check_files``: the tokenizer, data and --init-from paths must exist."""
-    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda)
+    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda, opt)
     errors += optim_errors(opt) + run_errors(run, check_files)
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     dp = world_size // (tp * pp) if tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0 else None

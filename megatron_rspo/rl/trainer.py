@@ -31,17 +31,19 @@ from megatron_rspo.config import (
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
-from megatron_rspo.errors import RunStopped
+from megatron_rspo.errors import ConfigError, RunStopped
 from megatron_rspo.evaluation import evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.memory import phase_memory
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
+from megatron_rspo.planning.plan import GIB
 from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
 from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
 from megatron_rspo.rl.config import RLConfig, effective_model_config, overlaps_generation, validate_rl_run
 from megatron_rspo.rl.experience import Experience, minibatches
 from megatron_rspo.rl.losses import PolicyLossConfig
+from megatron_rspo.rl.memory_check import check_before_build
 from megatron_rspo.rl.memory_handoff import MemoryHandoff
 from megatron_rspo.rl.metrics import (
     CollapseDetector,
@@ -101,6 +103,12 @@ class RLTrainer:
         setup_console_logging()  # again: only rank 0 logs at INFO, now that ranks are known
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
+        if not rl.skip_memory_check:  # before any weight exists: each rank's share counted on the meta device
+            plan, problem = check_before_build(model_cfg, par, opt, rl)
+            if problem:
+                raise ConfigError(problem)
+            log.info("memory plan per rank: train %.1f GiB, rollout %.1f GiB of %.1f GiB", plan.total("train") / GIB,
+                     plan.total("rollout") / GIB, plan.inputs.gpu_gib)
         steps = rl.train_iters * rl.ppo_epochs * rl.num_minibatches
         self.engine = Engine(model_cfg, par, opt, train_iters=steps)
         self.device = distributed.module_device(self.engine.module)  # everything the loop creates lives here
@@ -164,7 +172,7 @@ class RLTrainer:
                                        model_config=self.model_cfg)
             log.info("initialised the policy from %s", self.rl.init_from)
         if self.rl.kl_coeff > 0:
-            self.ref = ReferencePolicy(self.model_cfg, self.par, self.engine.module)
+            self.ref = ReferencePolicy(self.model_cfg, self.par, self.engine.module, offload=self.rl.offload_reference)
         if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
             loaded = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
                                                 self.engine.scheduler, model_config=self.model_cfg)

@@ -1,0 +1,98 @@
+"""The planner (``planning/``) for an RL run: its flags as the planner's inputs, and the trainer's check before it
+builds the model (``--skip-memory-check`` to override). Orchestration only: the arithmetic is the planner's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from megatron_rspo import distributed
+from megatron_rspo.capabilities import probe
+from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
+from megatron_rspo.planning.activations import LayerShape
+from megatron_rspo.planning.plan import GIB, MemoryPlan, PlanInputs, estimate
+from megatron_rspo.planning.shares import RankShare
+from megatron_rspo.rl.config import RLConfig, overlaps_generation
+
+PROMPT_TOKENS = 256  # a forward's prompt part when the caller does not say (MATH-style prompts)
+
+
+def layer_shape(model: ModelConfig) -> LayerShape:
+    heads = model.num_attention_heads
+    return LayerShape(hidden=model.hidden_size, heads=heads, query_groups=model.num_query_groups or heads,
+                      head_dim=model.kv_channels or model.hidden_size // heads, experts=model.num_experts or 0,
+                      topk=model.moe_router_topk, expert_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+                      shared_ffn=model.moe_shared_expert_intermediate_size or 0)
+
+
+def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: RLConfig, world: int,
+                share: RankShare, gpu_gib: float, seq_length: Optional[int] = None, cuda: bool = True,
+                gpu_kernels: Optional[bool] = None) -> PlanInputs:
+    """The planner's inputs for one rank of an RL run with these flags. ``gpu_kernels``: whether the GPU has
+    transformer-engine and apex (fused attention and Adam; default: what this machine has)."""
+    caps = probe()
+    seq = seq_length or PROMPT_TOKENS + rl.max_new_tokens
+    dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
+    rows = rl.rollout_batch_size // max(dp, 1) * rl.num_generations
+    if rl.micro_batch_size:
+        micro = rl.micro_batch_size
+    elif rl.micro_batch_tokens:
+        micro = max(1, rl.micro_batch_tokens // seq)
+    else:
+        micro = max(1, rows // rl.num_minibatches // max(par.num_microbatches, 1))
+    te = cuda and (caps.use_transformer_engine(model.transformer_impl) if gpu_kernels is None else gpu_kernels)
+    sleep = rl.rollout_sleep_level
+    if sleep is None:
+        sleep = 2 if cuda and rl.rollout_devices is None and not overlaps_generation(rl, world) else 0
+    return PlanInputs(
+        share=share, shape=layer_shape(model), layers=model.num_layers // par.pipeline_model_parallel_size,
+        world=world, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
+        ep=par.expert_model_parallel_size, etp=par.expert_tp(), bf16=model.bf16,
+        distributed_optimizer=par.use_distributed_optimizer, optimizer_cpu_offload=opt.optimizer_cpu_offload,
+        optimizer_offload_fraction=opt.optimizer_offload_fraction, precision_aware=opt.use_precision_aware_optimizer,
+        main_grads_dtype=opt.main_grads_dtype, main_params_dtype=opt.main_params_dtype,
+        exp_avg_dtype=opt.exp_avg_dtype, exp_avg_sq_dtype=opt.exp_avg_sq_dtype,
+        fused_adam=cuda and (te or (caps.apex if gpu_kernels is None else gpu_kernels)),
+        recompute=model.recompute_granularity, flash_attention=te, micro_batch_rows=micro, seq_length=seq,
+        microbatches=par.num_microbatches,
+        fused_logprobs=rl.fused_logprobs, logprob_chunk_tokens=rl.logprob_chunk_tokens,
+        kl_reference=rl.kl_coeff > 0, offload_reference=rl.offload_reference and cuda,
+        routing_records=rl.uses_router_shift or rl.routing_replay, moe_layers=len(model.moe_layer_numbers()),
+        rollout_rows=rows, engine=rl.rollout_engine if rl.rollout_engine == "vllm" else None,
+        engine_share=rl.vllm_gpu_memory_utilization, sleep_level=sleep, colocated=rl.rollout_devices is None,
+        offload_grads_during_rollout=rl.offload_grads_during_rollout,
+        offload_optimizer_during_rollout=rl.offload_optimizer_during_rollout and cuda,
+        cuda_reserve_gib=2.0 if cuda else 0.0, gpu_gib=gpu_gib)
+
+
+def device_memory_gib() -> tuple[float, bool]:
+    """(memory of this rank's device in GiB, whether it is a GPU): the GPU's, or on a CPU machine the host's
+    memory shared by the node's ranks."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB, True
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return psutil.virtual_memory().total / GIB / max(local, 1), False
+
+
+def check_before_build(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: RLConfig
+                       ) -> tuple[MemoryPlan, Optional[str]]:
+    """Every rank: the plan of its own share (counted on the meta device) and, when any rank's does not fit,
+    the message of the first such rank (collective: every rank gets the same verdict)."""
+    from megatron_rspo.planning.shares import current_share
+
+    gib, cuda = device_memory_gib()
+    plan = estimate(plan_inputs(model, par, opt, rl, distributed.world_size(), current_share(model, par), gib,
+                                cuda=cuda))
+    mine = plan.overflow()
+    worst = distributed.agree_int(distributed.rank() if mine else distributed.world_size(), distributed.ReduceOp.MIN)
+    if worst == distributed.world_size():
+        return plan, None
+    messages = distributed.all_gather_object(mine)
+    return plan, (f"rank {worst}: {messages[worst]}. Options: --optimizer-cpu-offload "
+                  "--use-precision-aware-optimizer, --use-distributed-optimizer, more GPUs, "
+                  "--recompute-granularity full, --fused-logprobs, a smaller --micro-batch-size; "
+                  "tools/plan_memory.py shows every category. --skip-memory-check runs anyway.")
