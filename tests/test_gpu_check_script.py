@@ -32,10 +32,11 @@ def test_check_runs_every_step_and_writes_its_summary(tmp_path):
     assert res.returncode != 0  # no GPU: the probe and the benchmark fail
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
-    assert list(status) == ["install", "probe", "te_vs_local", "bf16_dist_optimizer", "generation",
+    assert list(status) == ["install", "probe", "te_vs_local", "bf16_dist_optimizer", "memory_plan", "generation",
                             "rl_real_update", "ep2_nccl", "vllm", "qwen3_like_step"], status
     assert status["probe"] == "fail" and status["qwen3_like_step"] == "fail"  # and the later steps still ran
-    assert all(status[s] == "skip" for s in ("te_vs_local", "generation", "rl_real_update", "vllm")), status
+    assert all(status[s] == "skip" for s in ("te_vs_local", "memory_plan", "generation", "rl_real_update", "vllm")), \
+        status
     assert summary["failed"] == 2
     log = (tmp_path / "gpu_check.log").read_text()
     assert "| step | status | seconds | note |" in log and "torch sees no CUDA device" in log

@@ -133,3 +133,27 @@ def test_optimizer_offload_flags(monkeypatch):
 
 def test_the_kl_reference_is_off_by_default_and_offloaded_when_on():
     assert RLConfig().kl_coeff == 0 and RLConfig().offload_reference
+
+
+def _recipe_flags(path: str, **variables: str) -> list[str]:
+    """The FLAGS=(...) array of a recipe script, its ${VAR} references set to ``variables``."""
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, path)).read()
+    body = re.search(r"^FLAGS=\((.*?)\)$", text, re.S | re.M).group(1)
+    for name, value in variables.items():
+        body = body.replace(f'"${name}"', value)
+    return shlex.split(body, comments=True)
+
+
+@pytest.mark.parametrize("path, world, variables", [
+    ("examples/qwen3_30b_a3b_8gpu.sh", 8, {}),
+    ("examples/slurm_rl.sbatch", 32, {"ENGINE_TP": "2", "ALGO": "rspo"}),
+])
+def test_the_recipes_fit_by_the_planner(path, world, variables):
+    flags = _recipe_flags(path, **variables)
+    if "slurm" in path:
+        flags += ["--expert-model-parallel-size", "8"]  # its LAYOUT array's default
+    plans = _plan_json("--world-size", str(world), *flags)
+    assert all(p["fits"] for p in plans), plans

@@ -106,6 +106,7 @@ assert c.cuda, 'torch sees no CUDA device'"
 T="$PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py -k"
 step te_vs_local 60 $T "transformer_engine"
 step bf16_dist_optimizer 70 $T "bf16_train_step"
+step memory_plan 60 $T "memory_plan" -s
 step generation 50 $T "generation"
 step rl_real_update 150 $T "real_update"
 step ep2_nccl 90 $T "ep2"

@@ -16,46 +16,14 @@ phases (train; rollout with the engine's share), the verdict and the largest mic
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import warnings
 
 from megatron_rspo.cli import HelpFormatter, run_cli
-from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig, add_dataclass_args, from_args
-from megatron_rspo.planning.plan import GIB, MemoryPlan, estimate, largest_micro_batch
-from megatron_rspo.rl.config import RLConfig
+from megatron_rspo.planning.plan import GIB, MemoryPlan
+from megatron_rspo.rl.memory_check import plan_for, planner_parser
 from megatron_rspo.validation import raise_errors
-
-ARCH_FIELDS = ("bf16", "recompute_granularity", "recompute_method", "recompute_num_layers", "transformer_impl",
-               "moe_grouped_gemm", "moe_token_dispatcher_type")
-
-
-def _model(args: argparse.Namespace) -> ModelConfig:
-    flags = from_args(ModelConfig, args)
-    if not args.hf_config:
-        return flags
-    from megatron_rspo.convert.arch import hf_to_model_config
-
-    with open(args.hf_config) as fh:
-        _, hf = hf_to_model_config(json.load(fh))
-    return dataclasses.replace(hf, **{k: getattr(flags, k) for k in ARCH_FIELDS})  # training choices: the flags'
-
-
-def plan_for(args: argparse.Namespace) -> tuple[list[MemoryPlan], list[int]]:
-    """The plan of every pipeline stage's first rank, and the largest micro-batch (rows) each fits."""
-    from megatron_rspo.planning.shares import offline_shares
-    from megatron_rspo.rl.memory_check import plan_inputs
-
-    model, par = _model(args), from_args(ParallelConfig, args)
-    opt, rl = from_args(OptimConfig, args), from_args(RLConfig, args)
-    plans, fits = [], []
-    for share in offline_shares(model, par, args.world_size):
-        inputs = plan_inputs(model, par, opt, rl, args.world_size, share, args.gpu_memory_gib,
-                             seq_length=args.seq_length, cuda=True, gpu_kernels=not args.no_gpu_kernels)
-        plans.append(estimate(inputs))
-        fits.append(largest_micro_batch(inputs))
-    return plans, fits
 
 
 def _table(plans: list[MemoryPlan], fits: list[int]) -> str:
@@ -68,7 +36,7 @@ def _table(plans: list[MemoryPlan], fits: list[int]) -> str:
         lines.append("| category | train GiB | rollout GiB |\n|---|---:|---:|")
         for cat in dict.fromkeys([*plan.train, *plan.rollout]):
             lines.append(f"| {cat} | {plan.train.get(cat, 0) / GIB:.2f} | {plan.rollout.get(cat, 0) / GIB:.2f} |")
-        lines.append(f"| **total** (of {i.gpu_gib:.0f}) | **{plan.total('train') / GIB:.2f}** | "
+        lines.append(f"| **total** (of {i.gpu_gib:.1f}) | **{plan.total('train') / GIB:.2f}** | "
                      f"**{plan.total('rollout') / GIB:.2f}** |")
         lines.append(f"verdict: {'fits' if plan.fits() else 'DOES NOT FIT: ' + plan.overflow()}; largest micro-batch "
                      f"that fits: {fit} rows")
@@ -89,17 +57,9 @@ def _validate() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--hf-config", help="a Hugging Face config.json (the model's architecture)")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs of the run")
-    p.add_argument("--gpu-memory-gib", type=float, default=79.6, help="one GPU's memory (H100 80GB: 79.6 GiB)")
-    p.add_argument("--seq-length", type=int, help="forward length: prompt + response (default 256 + --max-new-tokens)")
-    p.add_argument("--no-gpu-kernels", action="store_true",
-                   help="the GPUs lack transformer-engine and apex (no fused attention, no fused Adam)")
+    p = planner_parser(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--validate", action="store_true", help="compare the planner with measured steps on this machine")
-    for cls in (ModelConfig, ParallelConfig, OptimConfig, RLConfig):
-        add_dataclass_args(p, cls)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")  # Megatron's notes on missing GPU packages: the plan says what it assumes
     if args.validate:

@@ -60,6 +60,7 @@ class PlanInputs:
     rollout_rows: int = 0  # the rank's rollout rows (records are kept for all of them)
     engine: Optional[str] = None  # None (the built-in engine) or "vllm"
     engine_share: float = 0.5  # --vllm-gpu-memory-utilization
+    engine_weight_bytes: int = 0  # the engine's weights per GPU (the model in its dtype / the engine's TP)
     sleep_level: int = 0
     colocated: bool = True
     offload_grads_during_rollout: bool = False
@@ -92,10 +93,16 @@ class MemoryPlan:
         return sum(getattr(self, phase).values())
 
     def fits(self) -> bool:
-        return all(self.total(p) <= self.gpu_bytes for p in ("train", "rollout"))
+        return self.overflow() is None
 
     def overflow(self) -> Optional[str]:
         """One message for the first phase that does not fit, naming its largest category, or None."""
+        i = self.inputs
+        share = int(i.engine_share * i.gpu_gib * GIB)
+        if i.engine == "vllm" and i.engine_weight_bytes >= share:
+            return (f"the rollout engine's share (--vllm-gpu-memory-utilization {i.engine_share}: "
+                    f"{share / GIB:.1f} GiB) cannot hold its weights ({i.engine_weight_bytes / GIB:.1f} GiB per GPU) "
+                    "and a KV cache")
         for phase in ("train", "rollout"):
             need = self.total(phase)
             if need > self.gpu_bytes:
@@ -157,6 +164,10 @@ def estimate(i: PlanInputs) -> MemoryPlan:
                     "routing records": records, "reference policy": reference,
                     "rollout engine (weights + KV cache)": engine,
                     "CUDA context and reserve": int(i.cuda_reserve_gib * GIB)}
+    if i.engine == "vllm" and i.engine_weight_bytes:
+        kv = int(i.engine_share * i.gpu_gib * GIB) - i.engine_weight_bytes
+        plan.notes.append(f"rollout engine per GPU: weights {i.engine_weight_bytes / GIB:.1f} GiB, KV cache and "
+                          f"activations {kv / GIB:.1f} GiB of its share")
     if not i.flash_attention:
         plan.notes.append("attention without a fused kernel: probabilities [heads, s, s] are kept per layer")
     if i.bf16 or i.flash_attention:

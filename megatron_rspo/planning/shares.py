@@ -10,6 +10,7 @@ parallel state is there and each rank counts its own share (``current_share``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,6 +95,8 @@ def offline_shares(model_cfg: ModelConfig, par: ParallelConfig, world: int) -> l
         raise RuntimeError("offline_shares needs a process without torch.distributed (use current_share)")
     from megatron_rspo.model import provider
 
+    # Counted with the local experts: grouped GEMMs (CUDA kernels, refused here) hold the same elements
+    model_cfg = dataclasses.replace(model_cfg, moe_grouped_gemm=False)
     pp = par.pipeline_model_parallel_size
     shares = []
     for stage in range(pp):

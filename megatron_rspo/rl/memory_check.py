@@ -4,14 +4,17 @@ builds the model (``--skip-memory-check`` to override). Orchestration only: the 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 from typing import Optional
 
 from megatron_rspo import distributed
 from megatron_rspo.capabilities import probe
-from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig
+from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig, add_dataclass_args, from_args
 from megatron_rspo.planning.activations import LayerShape
-from megatron_rspo.planning.plan import GIB, MemoryPlan, PlanInputs, estimate
+from megatron_rspo.planning.plan import GIB, MemoryPlan, PlanInputs, estimate, largest_micro_batch
 from megatron_rspo.planning.shares import RankShare
 from megatron_rspo.rl.config import RLConfig, overlaps_generation
 
@@ -60,10 +63,71 @@ def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: R
         kl_reference=rl.kl_coeff > 0, offload_reference=rl.offload_reference and cuda,
         routing_records=rl.uses_router_shift or rl.routing_replay, moe_layers=len(model.moe_layer_numbers()),
         rollout_rows=rows, engine=rl.rollout_engine if rl.rollout_engine == "vllm" else None,
-        engine_share=rl.vllm_gpu_memory_utilization, sleep_level=sleep, colocated=rl.rollout_devices is None,
+        engine_share=rl.vllm_gpu_memory_utilization, engine_weight_bytes=engine_weight_bytes(model, rl, par),
+        sleep_level=sleep, colocated=rl.rollout_devices is None,
         offload_grads_during_rollout=rl.offload_grads_during_rollout,
         offload_optimizer_during_rollout=rl.offload_optimizer_during_rollout and cuda,
         cuda_reserve_gib=2.0 if cuda else 0.0, gpu_gib=gpu_gib)
+
+
+ARCH_FIELDS = ("bf16", "recompute_granularity", "recompute_method", "recompute_num_layers", "transformer_impl",
+               "moe_grouped_gemm", "moe_token_dispatcher_type")
+
+
+def _model(args: argparse.Namespace) -> ModelConfig:
+    flags = from_args(ModelConfig, args)
+    if not args.hf_config:
+        return flags
+    from megatron_rspo.convert.arch import hf_to_model_config
+
+    with open(args.hf_config) as fh:
+        _, hf = hf_to_model_config(json.load(fh))
+    return dataclasses.replace(hf, **{k: getattr(flags, k) for k in ARCH_FIELDS})  # training choices: the flags'
+
+
+def planner_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The planner's flags: the trainer's own (model, layout, optimizer, RL) plus the machine's."""
+    p.add_argument("--hf-config", help="a Hugging Face config.json (the model's architecture)")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs of the run")
+    p.add_argument("--gpu-memory-gib", type=float, default=79.6, help="one GPU's memory (H100 80GB: 79.6 GiB)")
+    p.add_argument("--seq-length", type=int, help="forward length: prompt + response (default 256 + --max-new-tokens)")
+    p.add_argument("--no-gpu-kernels", action="store_true",
+                   help="the GPUs lack transformer-engine and apex (no fused attention, no fused Adam)")
+    for cls in (ModelConfig, ParallelConfig, OptimConfig, RLConfig):
+        add_dataclass_args(p, cls)
+    return p
+
+
+def plan_for(args: argparse.Namespace) -> tuple[list[MemoryPlan], list[int]]:
+    """The plan of every pipeline stage's first rank, and the largest micro-batch (rows) each fits (offline: a
+    process without torch.distributed)."""
+    from megatron_rspo.planning.shares import offline_shares
+
+    model, par = _model(args), from_args(ParallelConfig, args)
+    opt, rl = from_args(OptimConfig, args), from_args(RLConfig, args)
+    plans, fits = [], []
+    for share in offline_shares(model, par, args.world_size):
+        inputs = plan_inputs(model, par, opt, rl, args.world_size, share, args.gpu_memory_gib,
+                             seq_length=args.seq_length, cuda=True, gpu_kernels=not args.no_gpu_kernels)
+        plans.append(estimate(inputs))
+        fits.append(largest_micro_batch(inputs))
+    return plans, fits
+
+
+def engine_weight_bytes(model: ModelConfig, rl: RLConfig, par: ParallelConfig) -> int:
+    """The vLLM engine's weights per GPU: every HF tensor of the model in --rollout-dtype, over the engine's TP."""
+    if rl.rollout_engine != "vllm":
+        return 0
+    import math
+
+    from megatron_rspo.convert.arch import arch_of, model_config_to_hf
+    from megatron_rspo.convert.mapping import hf_global_shapes, hf_layer_shapes
+
+    arch = arch_of(model_config_to_hf(model))
+    n = sum(math.prod(s) for s in hf_global_shapes(model).values())
+    n += model.num_layers * sum(math.prod(s) for s in hf_layer_shapes(arch, model, 0).values())
+    tp = rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
+    return n * {"bfloat16": 2, "float16": 2, "float32": 4}[rl.rollout_dtype] // max(tp, 1)
 
 
 def device_memory_gib() -> tuple[float, bool]:
