@@ -66,7 +66,7 @@ class Engine:
         self.ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
+                grad_reduce_in_fp32=optim_cfg.main_grads_dtype == "fp32",  # bf16 only with the precision-aware Adam
                 overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
                 use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
                 overlap_param_gather=parallel_cfg.overlap_param_gather,

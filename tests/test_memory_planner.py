@@ -65,13 +65,16 @@ def _qwen3_inputs(world: int, opt: OptimConfig, **rl_kw):
                                 recompute_num_layers=1)
     par = ParallelConfig(expert_model_parallel_size=8, use_distributed_optimizer=True)
     share = RankShare(0, 0, 48 * LAYER_DENSE + 2 * VOCAB + 2048, 48 * EXPERTS // 8, VOCAB, 151936)
-    rl = RLConfig(rollout_engine="vllm", max_new_tokens=4096, micro_batch_size=1, fused_logprobs=True, **rl_kw)
+    rl = RLConfig(**{"rollout_engine": "vllm", "rollout_tensor_parallel_size": 2, "max_new_tokens": 4096,
+                     "micro_batch_size": 1, "fused_logprobs": True, **rl_kw})
     return plan_inputs(model, par, opt, rl, world, share, gpu_gib=79.6, cuda=True, gpu_kernels=True)
 
 
 def test_the_paper_model_fits_8_h100s_only_with_the_optimizer_on_the_host():
     plain = estimate(_qwen3_inputs(8, OptimConfig()))
     assert not plain.fits() and "optimizer state" in plain.overflow()
+    one_gpu_engines = estimate(_qwen3_inputs(8, OptimConfig(), rollout_tensor_parallel_size=1))
+    assert "cannot hold its weights (56.9 GiB per GPU)" in one_gpu_engines.overflow()  # 61 GB in bf16
     offload = OptimConfig(optimizer_cpu_offload=True, use_precision_aware_optimizer=True)
     inputs = _qwen3_inputs(8, offload, offload_grads_during_rollout=True, vllm_gpu_memory_utilization=0.55)
     plan = estimate(inputs)
