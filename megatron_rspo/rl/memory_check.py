@@ -160,3 +160,16 @@ def check_before_build(model: ModelConfig, par: ParallelConfig, opt: OptimConfig
                   "--use-precision-aware-optimizer, --use-distributed-optimizer, more GPUs, "
                   "--recompute-granularity full, --fused-logprobs, a smaller --micro-batch-size; "
                   "tools/plan_memory.py shows every category. --skip-memory-check runs anyway.")
+
+
+def stop_unless_it_fits(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: RLConfig) -> None:
+    """The trainer's check: raise one ConfigError on every rank when any rank's plan does not fit, else log it."""
+    import logging
+
+    from megatron_rspo.errors import ConfigError
+
+    plan, problem = check_before_build(model, par, opt, rl)
+    if problem:
+        raise ConfigError(problem)
+    logging.getLogger(__name__).info("memory plan per rank: train %.1f GiB, rollout %.1f GiB of %.1f GiB",
+                                     plan.total("train") / GIB, plan.total("rollout") / GIB, plan.inputs.gpu_gib)

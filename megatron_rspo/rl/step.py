@@ -19,6 +19,7 @@ import torch
 from megatron_rspo.model.fused_logprobs import fused_token_logprobs, output_hidden
 from megatron_rspo.model.logprobs import forward_logits, token_logprobs, token_logprobs_and_entropy
 from megatron_rspo.model.routing import RoutingSession, routing_session
+from megatron_rspo.rl.config import RLConfig
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.losses import PolicyLossConfig, get_policy_loss, kl_penalty, masked_mean
 from megatron_rspo.rl.metrics import gamma_stats, router_shift_stats
@@ -259,3 +260,17 @@ def _share(mask: torch.Tensor, normalizer: float | torch.Tensor, opts: StepOptio
     """This micro-batch's share of the mini-batch, in the policy loss's own units, so that the
     token-mean entropy/KL terms of all micro-batches add up to the mini-batch mean too."""
     return loss_units(opts.algorithm, opts.loss, mask) / normalizer
+
+
+def step_options(rl: RLConfig, num_moe_layers: int, layout: RoutingLayout) -> StepOptions:
+    """The forward steps' options from the run's RL flags."""
+    return StepOptions(
+        algorithm=rl.rl_algorithm,
+        loss=PolicyLossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, loss_agg=rl.loss_agg,
+                              router_shift_placement=rl.router_shift_placement),
+        router_shift=RouterShiftConfig(enabled=rl.uses_router_shift, floor=rl.router_shift_floor,
+                                       aggregation=rl.router_shift_aggregation, placement=rl.router_shift_placement),
+        routing_replay=rl.routing_replay, temperature=rl.temperature, num_moe_layers=num_moe_layers,
+        kl_coeff=rl.kl_coeff, entropy_coeff=rl.entropy_coeff, layout=layout, fused_logprobs=rl.fused_logprobs,
+        logprob_chunk_tokens=rl.logprob_chunk_tokens,
+    )

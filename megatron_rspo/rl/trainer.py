@@ -31,19 +31,17 @@ from megatron_rspo.config import (
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
-from megatron_rspo.errors import ConfigError, RunStopped
+from megatron_rspo.errors import RunStopped
 from megatron_rspo.evaluation import evaluate_task
 from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
 from megatron_rspo.memory import phase_memory
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
-from megatron_rspo.planning.plan import GIB
 from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
 from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
 from megatron_rspo.rl.config import RLConfig, effective_model_config, overlaps_generation, validate_rl_run
 from megatron_rspo.rl.experience import Experience, minibatches
-from megatron_rspo.rl.losses import PolicyLossConfig
-from megatron_rspo.rl.memory_check import check_before_build
+from megatron_rspo.rl.memory_check import stop_unless_it_fits
 from megatron_rspo.rl.memory_handoff import MemoryHandoff
 from megatron_rspo.rl.metrics import (
     CollapseDetector,
@@ -62,8 +60,7 @@ from megatron_rspo.rl.parallel import (
 from megatron_rspo.rl.reference import ReferencePolicy
 from megatron_rspo.rl.reuse import ReuseController
 from megatron_rspo.rl.rollout_phase import RolloutContext, collect_rollout
-from megatron_rspo.rl.router_shift import RouterShiftConfig
-from megatron_rspo.rl.step import StepOptions, loss_units, make_old_policy_step, make_train_step
+from megatron_rspo.rl.step import loss_units, make_old_policy_step, make_train_step, step_options
 from megatron_rspo.tasks.registry import get_task
 from megatron_rspo.tokenizer import load_tokenizer
 
@@ -104,28 +101,14 @@ class RLTrainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
         if not rl.skip_memory_check:  # before any weight exists: each rank's share counted on the meta device
-            plan, problem = check_before_build(model_cfg, par, opt, rl)
-            if problem:
-                raise ConfigError(problem)
-            log.info("memory plan per rank: train %.1f GiB, rollout %.1f GiB of %.1f GiB", plan.total("train") / GIB,
-                     plan.total("rollout") / GIB, plan.inputs.gpu_gib)
+            stop_unless_it_fits(model_cfg, par, opt, rl)
         steps = rl.train_iters * rl.ppo_epochs * rl.num_minibatches
         self.engine = Engine(model_cfg, par, opt, train_iters=steps)
         self.device = distributed.module_device(self.engine.module)  # everything the loop creates lives here
         self.layout = RoutingLayout.build(self.engine.module)  # collective: every rank, before any schedule
         self.state = RLState()
         self.collapse = CollapseDetector(window=rl.collapse_window, k=rl.collapse_sigmas)
-        self.opts = StepOptions(
-            algorithm=rl.rl_algorithm,
-            loss=PolicyLossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, loss_agg=rl.loss_agg,
-                                  router_shift_placement=rl.router_shift_placement),
-            router_shift=RouterShiftConfig(enabled=rl.uses_router_shift, floor=rl.router_shift_floor,
-                                           aggregation=rl.router_shift_aggregation,
-                                           placement=rl.router_shift_placement),
-            routing_replay=rl.routing_replay, temperature=rl.temperature,
-            num_moe_layers=num_moe_layers(model_cfg), kl_coeff=rl.kl_coeff, entropy_coeff=rl.entropy_coeff,
-            layout=self.layout, fused_logprobs=rl.fused_logprobs, logprob_chunk_tokens=rl.logprob_chunk_tokens,
-        )
+        self.opts = step_options(rl, num_moe_layers(model_cfg), self.layout)
         self.ref: ReferencePolicy | None = None
         pending = self._load()  # --load: this rank's rollouts generated but not yet trained on (or None)
         # Colocated: the trainer hands its optimizer state and gradient buffers over while the engine works, and
