@@ -316,6 +316,24 @@ def _check_shapes(path: str, model_sd: dict[str, Any], strict: bool) -> set[str]
     return missing
 
 
+def _intact(load_dir: str, iteration: Optional[int], path: str) -> str:
+    """``path`` when intact; resuming the latest of a save root, else the newest intact older one (with a warning);
+    otherwise one error naming the damaged file and any intact alternative."""
+    from megatron_rspo.checkpoint_check import damage, newest_intact
+
+    if (problem := damage(path)) is None:
+        return path
+    root, name = os.path.split(path)
+    current = int(_ITER_RE.match(name).group(1))
+    older = newest_intact(root, _complete_iterations(root), below=current)
+    if older is not None and iteration is None and os.path.abspath(load_dir) == root:
+        log.warning("checkpoint %s is damaged (%s); resuming from the newest intact one, %s", path, problem,
+                    iter_dir_name(older))
+        return resolve_checkpoint_dir(root, older)
+    hint = f"; the newest intact one is {os.path.join(root, iter_dir_name(older))}" if older is not None else ""
+    raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
+
+
 def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
                     iteration: Optional[int] = None, strict: bool = True, model_config: Optional[ModelConfig] = None,
                     load_rng: bool = True, allow_config_changes: Iterable[str] = ()) -> LoadResult:
@@ -325,7 +343,7 @@ def load_checkpoint(load_dir: str, model: torch.nn.Module, optimizer: Any = None
     ``model_config``: compared with the checkpoint's run_config.json (ConfigMismatchError names fields;
     ``allow_config_changes`` lists fields allowed to differ, e.g. ``moe_router_topk``).
     """
-    path = resolve_checkpoint_dir(load_dir, iteration)
+    path = _intact(load_dir, iteration, resolve_checkpoint_dir(load_dir, iteration))
     if model_config is not None:
         check_model_config(path, model_config, allow_config_changes)
     try:

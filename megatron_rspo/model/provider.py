@@ -214,6 +214,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, init_weights: bool
     validate(model, parallel, dist.get_world_size() if dist.is_initialized() else 1)
     config = transformer_config(model, parallel, ddp=ddp)
     config.perform_initialization = init_weights
+    if not to_device:  # e.g. under torch.device("meta"): Megatron's CUDA initialisation would pass device=cuda
+        config.use_cpu_initialization = True
     block = block_spec(model, config)
     moe_numbers = model.moe_layer_numbers()
     gpt = GPTModel(

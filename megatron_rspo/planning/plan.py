@@ -129,7 +129,8 @@ def estimate(i: PlanInputs) -> MemoryPlan:
     n = i.share.total
     pbytes = 2 if i.bf16 else 4
     params = n * pbytes
-    grads = n * (DTYPE_BYTES[i.main_grads_dtype] if i.precision_aware else 4)  # DDP's grad buffers
+    # DDP's grad buffers: fp32, or the params' dtype when not reduced in fp32 (--main-grads-dtype bf16)
+    grads = n * (DTYPE_BYTES[i.main_grads_dtype] if i.precision_aware and i.bf16 else 4)
     optim = _optimizer_bytes(i)
     tokens = i.micro_batch_rows * i.seq_length
     saved, rebuilt = activation_bytes(ActivationInputs(i.shape, i.layers, tokens, i.seq_length, pbytes, i.tp, i.pp,

@@ -103,7 +103,15 @@ def offline_shares(model_cfg: ModelConfig, par: ParallelConfig, world: int) -> l
         rank = stage * (world // pp)  # Megatron's default order (tp-cp-ep-dp-pp): the stage is outermost
         with _fake_world(par, world, rank):
             provider._LAYOUT = None  # the real layout is not this one (the trainer re-initialises)
-            share = current_share(model_cfg, par)
+            try:
+                share = current_share(model_cfg, par)
+            except (AssertionError, RuntimeError) as e:
+                if torch.cuda.is_available() or "CUDA" not in str(e):
+                    raise
+                from megatron_rspo.errors import ConfigError
+
+                raise ConfigError("this layout cannot be counted on a CPU machine (Megatron builds it with CUDA "
+                                  f"calls: {e}); plan it on a GPU node") from e
         shares.append(RankShare(rank, stage, share.dense, share.expert, share.largest_tensor, share.vocab_rows))
     provider._LAYOUT = None
     return shares

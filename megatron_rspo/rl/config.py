@@ -382,6 +382,9 @@ def validate_rl_run(model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfi
     (default: torch.cuda.is_available()); ``check_files``: the tokenizer, data and --init-from paths must exist."""
     errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda, opt)
     errors += optim_errors(opt) + run_errors(run, check_files)
+    if rl.offload_optimizer_during_rollout and opt.optimizer_cpu_offload:
+        errors.append("--offload-optimizer-during-rollout with --optimizer-cpu-offload: Adam's state already lives on "
+                      "the host (Megatron's restore would move the host optimizer's own state to the GPU)")
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     dp = world_size // (tp * pp) if tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0 else None
     errors += rl_errors(rl, par, dp, model_cfg)

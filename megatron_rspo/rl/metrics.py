@@ -178,3 +178,17 @@ def pooled_mean_std(total: torch.Tensor | float, total_sq: torch.Tensor | float,
     mean = total / count.clamp_min(1)
     var = (total_sq - count * mean**2).clamp_min(0) / (count - 1).clamp_min(1)
     return mean, var.sqrt()
+
+
+def router_stat_names(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Loss/step stats come back as ``policy/<name>``; router diagnostics live under ``router/``."""
+    out = {}
+    for k, v in stats.items():
+        name = k.split("/", 1)[1] if k.startswith("policy/") else k
+        if name.startswith("gamma_") or name == "expert_set_change_rate":
+            out[f"router/{name}"] = v
+        elif k.startswith("router_shift/"):
+            out[f"router/shift_{k.split('/', 1)[1]}"] = v
+        else:
+            out[k] = v
+    return out

@@ -49,6 +49,7 @@ from megatron_rspo.rl.metrics import (
     expert_load_stats,
     pooled_mean_std,
     reduction_of,
+    router_stat_names,
 )
 from megatron_rspo.rl.parallel import (
     RoutingLayout,
@@ -61,6 +62,7 @@ from megatron_rspo.rl.reference import ReferencePolicy
 from megatron_rspo.rl.reuse import ReuseController
 from megatron_rspo.rl.rollout_phase import RolloutContext, collect_rollout
 from megatron_rspo.rl.step import loss_units, make_old_policy_step, make_train_step, step_options
+from megatron_rspo.stop_signals import StopRequested, StopSignals
 from megatron_rspo.tasks.registry import get_task
 from megatron_rspo.tokenizer import load_tokenizer
 
@@ -239,7 +241,7 @@ class RLTrainer:
                     break
         if stop:  # the LR schedule follows rollouts: the steps a reuse stop skips still advance it
             self.engine.scheduler.step(increment=total - self.reuse.steps_run)
-        out = _rename_router_stats(acc.result())
+        out = router_stat_names(acc.result())
         if self.reuse is not None:
             out.update({k: torch.tensor(float(v)) for k, v in self.reuse.stats().items()})
         out["optim/skipped_steps_max"] = torch.tensor(float(self.state.skipped_steps))
@@ -268,7 +270,17 @@ class RLTrainer:
         return {f"eval/{k}": v for k, v in res.items()}
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> dict[str, float]:
+    def train(self, stop: StopSignals | None = None) -> dict[str, float]:
+        """The RL loop; SIGTERM/SIGINT stop it at an iteration boundary, with a checkpoint (``stop_signals``;
+        ``stop``: handlers installed earlier, e.g. before the set-up)."""
+        stop = stop or StopSignals().install()
+        try:
+            return self._train(stop)
+        finally:
+            stop.restore()
+            self.rollout_engine.shutdown()
+
+    def _train(self, stop: StopSignals) -> dict[str, float]:
         rl, run = self.rl, self.run
         progress = Progress(rl.train_iters, f"rl[{rl.rl_algorithm}]", enabled=run.progress,
                             initial=self.state.iteration)
@@ -310,12 +322,17 @@ class RLTrainer:
             progress.update(1, reward=stats["reward/mean"])
             last = stats
             self.state.data_position = self.queue.resume_position(self.stream.position)
-            if run.save and ((run.save_interval and it % run.save_interval == 0) or it == rl.train_iters):
+            signum = stop.agreed()
+            if run.save and (signum or (run.save_interval and it % run.save_interval == 0) or it == rl.train_iters):
                 self.handoff.trainer_back()  # the optimizer's state is saved from where it trains
                 self.save()
+            if signum:
+                progress.close()
+                self.metrics.close()
+                where = f"checkpoint saved to {run.save}" if run.save else "nothing saved (no --save)"
+                raise StopRequested(f"stopped by {StopSignals.name(signum)} after iteration {it}; {where}", signum)
         progress.close()
         self.metrics.close()
-        self.rollout_engine.shutdown()
         return last
 
     def _collapse_check(self, stats: dict[str, float]) -> bool:
@@ -360,20 +377,6 @@ def _iteration_stats(local: dict[str, torch.Tensor | float]) -> dict[str, float]
     return out
 
 
-def _rename_router_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Loss/step stats come back as ``policy/<name>``; router diagnostics live under ``router/``."""
-    out = {}
-    for k, v in stats.items():
-        name = k.split("/", 1)[1] if k.startswith("policy/") else k
-        if name.startswith("gamma_") or name == "expert_set_change_rate":
-            out[f"router/{name}"] = v
-        elif k.startswith("router_shift/"):
-            out[f"router/shift_{k.split('/', 1)[1]}"] = v
-        else:
-            out[k] = v
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for cls in CONFIG_CLASSES:
@@ -388,7 +391,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     validate_rl_run(effective_model_config(model_cfg, rl), par, opt, run, rl, int(os.environ.get("WORLD_SIZE", 1)))
     setup_console_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return RLTrainer(model_cfg, par, opt, run, rl).train()
+    stop = StopSignals().install()  # a signal during the set-up stops the run after its first iteration
+    try:
+        return RLTrainer(model_cfg, par, opt, run, rl).train(stop)
+    finally:
+        stop.restore()
 
 
 def cli() -> None:

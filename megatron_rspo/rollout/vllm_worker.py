@@ -86,8 +86,10 @@ class WeightStreamExtension:
         t0 = time.perf_counter()
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.model.load_weights(bucket)
-        self._rspo_load_seconds += time.perf_counter() - t0
         release_slot(self.model_runner.model, span)
+        if handle["kind"] == "cuda_ipc":  # the trainer overwrites the slot once we return: our reads must be done
+            torch.cuda.current_stream().synchronize()
+        self._rspo_load_seconds += time.perf_counter() - t0
         return len(bucket)
 
     def finish_update(self) -> float:

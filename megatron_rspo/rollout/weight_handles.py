@@ -60,6 +60,7 @@ class StagingSlots:
         # unique per instance: several engines (or runs) in one process each own their segments
         self.device, self.tag = device, f"{tag or os.getpid()}_{secrets.token_hex(4)}"
         self.slots: list[Optional[tuple[Any, torch.Tensor]]] = [None, None]  # (owner, uint8 view)
+        self.handles: dict[int, dict] = {}  # slot -> what the worker needs to map it
         self.turn = 0
         self.created = 0
 
@@ -79,7 +80,9 @@ class StagingSlots:
                 view.copy_(t, non_blocking=True)
         if base.is_cuda:  # the worker reads through its own context: the copies must have landed
             torch.cuda.current_stream(base.device).synchronize()
-        return {"items": items, "nbytes": nbytes, **self._describe(owner, base)}
+        if k not in self.handles:  # exported once per slot (a CUDA IPC export is a refcounted record each time)
+            self.handles[k] = self._describe(owner, base)
+        return {"items": items, "nbytes": nbytes, **self.handles[k]}
 
     def _allocate(self, nbytes: int) -> tuple[Any, torch.Tensor]:
         self.created += 1
@@ -101,6 +104,7 @@ class StagingSlots:
 
     def _free(self, k: int) -> None:
         slot, self.slots[k] = self.slots[k], None
+        self.handles.pop(k, None)
         if slot is None:
             return
         owner, base = slot

@@ -135,6 +135,8 @@ class WeightSync:
                 break
             loading = _Background(llm.collective_rpc, "load_bucket", args=(handle,))
         stats.engine_load_seconds = max(llm.collective_rpc("finish_update"))
+        if self.slots.device.type == "cuda":  # between syncs the trainer's GPU memory is the trainer's
+            self.slots.close()
 
     # ------------------------------------------------------------------ file stream
     def file_buckets(self, model: Any) -> Iterator[tuple[int, Any]]:
