@@ -33,7 +33,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from megatron_rspo import rng_state
+from megatron_rspo import distributed, rng_state
+from megatron_rspo.checkpoint_check import space_needed, write_problem
 from megatron_rspo.config import ModelConfig, save_json
 from megatron_rspo.errors import UserError
 from megatron_rspo.state_keys import model_sharded_state_dict, resolve_stored_keys, sharded_tensors, unwrap
@@ -235,14 +236,26 @@ def save_checkpoint(save_dir: str, iteration: int, model: torch.nn.Module, optim
         contents.append("rank_state")
     state.update(iteration=iteration, extra_state=dict(extra_state or {}), contents=contents,
                  format_version=FORMAT_VERSION, saved_layout=list(rng_state.layout()))
-    dist_checkpointing.save(state, tmp)
-
-    if save_rng:
-        _save_rank_file(tmp, "rng", rng_state.capture())
-    if rank_state is not None:
-        _save_rank_file(tmp, "rank_state", rank_state)
-    if _rank() == 0:
-        save_json(os.path.join(tmp, RUN_CONFIG_FILE), *configs)
+    # Before writing: every rank agrees whether its share fits on the disk (no half-written checkpoint to clean).
+    short = space_needed(state, shutil.disk_usage(root).free)
+    if distributed.agree_int(int(short is not None), distributed.ReduceOp.MAX):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot save to {root}: {short or 'no space left on another rank'}; the previous "
+                              "checkpoint is intact")
+    try:
+        dist_checkpointing.save(state, tmp)
+        if save_rng:
+            _save_rank_file(tmp, "rng", rng_state.capture())
+        if rank_state is not None:
+            _save_rank_file(tmp, "rank_state", rank_state)
+        if _rank() == 0:
+            save_json(os.path.join(tmp, RUN_CONFIG_FILE), *configs)
+    except Exception as e:
+        if (problem := write_problem(e)) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # never published: the previous checkpoint stays the latest
+        raise CheckpointError(f"cannot save to {root}: {problem}; the previous checkpoint is intact") from e
     _barrier()  # every rank's files are in tmp
     if _rank() == 0:
         _publish(root, tmp, iteration, nonce)
@@ -325,7 +338,7 @@ def _intact(load_dir: str, iteration: Optional[int], path: str) -> str:
         return path
     root, name = os.path.split(path)
     current = int(_ITER_RE.match(name).group(1))
-    older = newest_intact(root, _complete_iterations(root), below=current)
+    older = newest_intact({i: os.path.join(root, iter_dir_name(i)) for i in _complete_iterations(root) if i < current})
     if older is not None and iteration is None and os.path.abspath(load_dir) == root:
         log.warning("checkpoint %s is damaged (%s); resuming from the newest intact one, %s", path, problem,
                     iter_dir_name(older))

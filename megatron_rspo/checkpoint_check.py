@@ -7,6 +7,7 @@ Reads the shared file system only, so every rank reaches the same verdict.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Optional
@@ -46,11 +47,39 @@ def damage(path: str) -> Optional[str]:
     return None
 
 
-def newest_intact(root: str, iterations: list[int], below: int) -> Optional[int]:
-    """The newest of ``iterations`` older than ``below`` whose checkpoint is intact, or None."""
-    from megatron_rspo.checkpoint import iter_dir_name
-
-    for it in sorted((i for i in iterations if i < below), reverse=True):
-        if damage(os.path.join(root, iter_dir_name(it))) is None:
+def newest_intact(candidates: dict[int, str]) -> Optional[int]:
+    """The newest iteration of ``candidates`` (iteration -> its directory) whose checkpoint is intact, or None."""
+    for it in sorted(candidates, reverse=True):
+        if damage(candidates[it]) is None:
             return it
+    return None
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def write_problem(exc: BaseException) -> Optional[str]:
+    """One line for a save that failed because the file system refused it (full, over quota, read-only, no
+    permission), found anywhere in the exception's chain; None for anything else. torch.save on a full disk
+    reports only ``unexpected pos``."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return f"{os.strerror(e.errno).lower()}" + (f" ({e.filename})" if e.filename else "")
+        if "unexpected pos" in str(e):
+            return "no space left on device (the write stopped short)"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def space_needed(state: dict, free_bytes: int) -> Optional[str]:
+    """A message when this rank's tensors of ``state`` (a sharded state dict) alone exceed ``free_bytes``."""
+    from megatron_rspo.state_keys import sharded_tensors
+
+    need = sum(sh.data.numel() * sh.data.element_size() for sh in sharded_tensors(state)
+               if getattr(sh, "replica_id", 0) in (0, (0, 0, 0)) and sh.data is not None)
+    if need > free_bytes:
+        return f"no space left: the checkpoint needs at least {need / 1e9:.2f} GB, {free_bytes / 1e9:.2f} GB are free"
     return None

@@ -235,8 +235,10 @@ def offload_errors(opt: OptimConfig, parallel: ParallelConfig, cuda: bool) -> li
 
 def optim_errors(opt: OptimConfig) -> list[str]:
     errors = []
-    _at_least(errors, (("--lr", opt.lr), ("--min-lr", opt.min_lr), ("--lr-warmup-iters", opt.lr_warmup_iters),
+    _at_least(errors, (("--min-lr", opt.min_lr), ("--lr-warmup-iters", opt.lr_warmup_iters),
                        ("--weight-decay", opt.weight_decay), ("--clip-grad", opt.clip_grad)), 0)
+    if not opt.lr > 0:
+        errors.append(f"--lr must be > 0 (got {opt.lr}): with 0 every step would leave the weights as they are")
     if opt.min_lr > opt.lr >= 0:
         errors.append(f"--min-lr ({opt.min_lr}) exceeds --lr ({opt.lr})")
     for name, b in (("--adam-beta1", opt.adam_beta1), ("--adam-beta2", opt.adam_beta2)):
@@ -274,7 +276,18 @@ def run_errors(run: RunConfig, check_files: bool = True) -> list[str]:
         errors.append(f"--load {run.load}: not a directory")
     if run.save and os.path.exists(run.save) and not os.path.isdir(run.save):
         errors.append(f"--save {run.save}: exists and is not a directory")
+    elif run.save and not _writable_dir(run.save):
+        errors.append(f"--save {run.save}: cannot write there (read-only file system or no permission); checked "
+                      "before any work so that no run ends without its checkpoint")
     return errors
+
+
+def _writable_dir(path: str) -> bool:
+    """Whether ``path`` (or, when it does not exist yet, its nearest existing parent) accepts new files."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    return os.path.isdir(here) and os.access(here, os.W_OK | os.X_OK)
 
 
 def data_file_errors(**paths: Optional[str]) -> list[str]:

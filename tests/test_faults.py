@@ -93,3 +93,46 @@ def test_a_missing_shard_with_no_intact_checkpoint_left_is_one_error(two_checkpo
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.load_checkpoint(str(root), model, model_config=MODEL)
     assert "incomplete or corrupt" in str(err.value) or "damaged" in str(err.value)
+
+
+def test_a_full_disk_is_one_line_and_publishes_nothing(two_checkpoints, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    root, model = two_checkpoints
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.save_checkpoint(str(root), 3, model, configs=(MODEL, ParallelConfig()), save_rng=False)
+    assert "no space left" in str(err.value) and "the previous checkpoint is intact" in str(err.value)
+    assert ckpt.latest_iteration(str(root)) == 2 and not [n for n in os.listdir(root) if ".tmp-" in n]
+
+
+def test_write_errors_are_recognised_through_the_chain():
+    import errno
+
+    from megatron_rspo.checkpoint_check import write_problem
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/ckpt/iter/__0_0.distcp")
+        except OSError as inner:
+            raise RuntimeError("checkpoint write failed") from inner
+    except RuntimeError as outer:
+        assert write_problem(outer) == "no space left on device (/ckpt/iter/__0_0.distcp)"
+    assert write_problem(RuntimeError("unexpected pos 704 vs 598")).startswith("no space left")
+    assert write_problem(ValueError("a bug")) is None
+
+
+def test_save_must_be_writable_and_lr_positive(tmp_path, monkeypatch):
+    from megatron_rspo.config import OptimConfig, RunConfig
+    from megatron_rspo.validation import optim_errors, run_errors
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))  # read-only
+    errors = run_errors(RunConfig(tokenizer_model="t", save=str(locked / "run")), check_files=False)
+    assert any("cannot write there" in e for e in errors)
+    assert run_errors(RunConfig(tokenizer_model="t", save=str(tmp_path / "new" / "run")), check_files=False) == []
+    assert any("--lr must be > 0" in e for e in optim_errors(OptimConfig(lr=0.0)))
