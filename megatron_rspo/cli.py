@@ -68,3 +68,10 @@ def run_cli(main: Callable[[Optional[list[str]]], Any], argv: Optional[list[str]
 
 
 __all__ = ["HelpFormatter", "run_cli", "user_error_message"]
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+    """The destinations of the flags ``argv`` sets explicitly (a default left alone is not among them)."""
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps no public list
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))

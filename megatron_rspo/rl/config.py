@@ -4,6 +4,7 @@ up-front check of a whole RL command line, ``validate_rl_run``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
@@ -20,7 +21,7 @@ from megatron_rspo.validation import (
 # ModelConfig fields that say how the model runs, not what it computes: an RL run takes them from its own
 # command line even when the architecture comes from --init-from's checkpoint.
 RUNTIME_MODEL_FIELDS = ("moe_token_dispatcher_type", "transformer_impl", "moe_grouped_gemm",
-                        "recompute_granularity", "recompute_method", "recompute_num_layers")
+                        "recompute_granularity", "recompute_method", "recompute_num_layers", "bf16")
 PP_REFUSED = ("RL rollouts need --pipeline-model-parallel-size 1 (generation has no pipelined path); the old-policy "
               "pass and the training step support it (docs/parallelism.md)")
 
@@ -376,11 +377,13 @@ def effective_model_config(model_cfg: ModelConfig, rl: RLConfig) -> ModelConfig:
 
 
 def validate_rl_run(model_cfg: ModelConfig, par: ParallelConfig, opt: OptimConfig, run: RunConfig, rl: RLConfig,
-                    world_size: int = 1, cuda: Optional[bool] = None, check_files: bool = True) -> None:
+                    world_size: int = 1, cuda: Optional[bool] = None, check_files: bool = True,
+                    extra: Sequence[str] = ()) -> None:
     """Check a whole RL command line before any process group or model exists; raise one ConfigError that lists
     every problem. ``model_cfg`` is the policy's (``effective_model_config``); ``cuda``: whether the run is on CUDA
     (default: torch.cuda.is_available()); ``check_files``: the tokenizer, data and --init-from paths must exist."""
-    errors = model_parallel_errors(model_cfg, par, world_size, cuda) + training_errors(model_cfg, par, cuda, opt)
+    errors = [*extra, *model_parallel_errors(model_cfg, par, world_size, cuda), *training_errors(model_cfg, par, cuda,
+                                                                                                  opt)]
     errors += optim_errors(opt) + run_errors(run, check_files)
     if rl.offload_optimizer_during_rollout and opt.optimizer_cpu_offload:
         errors.append("--offload-optimizer-during-rollout with --optimizer-cpu-offload: Adam's state already lives on "

@@ -142,3 +142,15 @@ def minibatches(exp: Experience, num_minibatches: int, generator: torch.Generato
     """A fresh random permutation of the rows, cut into ``num_minibatches`` equal mini-batches."""
     perm = torch.randperm(len(exp), generator=generator)
     return exp.select(perm).split(num_minibatches)
+
+
+def micro_batch_rows(rl: Any, par: Any, dp: int, forward_length: int) -> int:
+    """Rows per micro-batch, the same in the old-policy, reference and training passes (``rl``: RLConfig,
+    ``par``: ParallelConfig): --micro-batch-size, or --micro-batch-tokens // forward length, else a mini-batch
+    of this data-parallel rank / --num-microbatches."""
+    if rl.micro_batch_size:
+        return rl.micro_batch_size
+    if rl.micro_batch_tokens:
+        return max(1, rl.micro_batch_tokens // max(forward_length, 1))
+    rows = rl.rollout_batch_size // max(dp, 1) * rl.num_generations // rl.num_minibatches
+    return max(1, rows // max(par.num_microbatches, 1))

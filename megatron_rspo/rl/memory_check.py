@@ -17,6 +17,7 @@ from megatron_rspo.planning.activations import LayerShape
 from megatron_rspo.planning.plan import GIB, MemoryPlan, PlanInputs, estimate, largest_micro_batch
 from megatron_rspo.planning.shares import RankShare
 from megatron_rspo.rl.config import RLConfig, overlaps_generation, rollout_ranks_per_engine
+from megatron_rspo.rl.experience import micro_batch_rows
 
 PROMPT_TOKENS = 256  # a forward's prompt part when the caller does not say (MATH-style prompts)
 
@@ -38,12 +39,7 @@ def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: R
     seq = seq_length or PROMPT_TOKENS + rl.max_new_tokens
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
     rows = rl.rollout_batch_size // max(dp, 1) * rl.num_generations
-    if rl.micro_batch_size:
-        micro = rl.micro_batch_size
-    elif rl.micro_batch_tokens:
-        micro = max(1, rl.micro_batch_tokens // seq)
-    else:
-        micro = max(1, rows // rl.num_minibatches // max(par.num_microbatches, 1))
+    micro = micro_batch_rows(rl, par, dp, seq)  # the trainer's own rule
     te = cuda and (caps.use_transformer_engine(model.transformer_impl) if gpu_kernels is None else gpu_kernels)
     engine_share, weights = rl.vllm_gpu_memory_utilization, engine_weight_bytes(model, rl, par, cuda)
     if rl.rollout_engine == "vllm" and not cuda:

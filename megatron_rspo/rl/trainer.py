@@ -20,7 +20,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rspo import checkpoint, distributed
-from megatron_rspo.cli import HelpFormatter, run_cli
+from megatron_rspo.cli import HelpFormatter, given_flags, run_cli
 from megatron_rspo.config import (
     ModelConfig,
     OptimConfig,
@@ -28,6 +28,7 @@ from megatron_rspo.config import (
     RunConfig,
     add_dataclass_args,
     from_args,
+    to_dict,
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
@@ -40,7 +41,7 @@ from megatron_rspo.model.routing import frozen_router
 from megatron_rspo.rl.async_rollout import RolloutQueue, pending_state, restore_pending
 from megatron_rspo.rl.behaviour import build_rollout_engine, input_aligned, needs_old_pass, resolve_behaviour
 from megatron_rspo.rl.config import RLConfig, effective_model_config, overlaps_generation, validate_rl_run
-from megatron_rspo.rl.experience import Experience, minibatches
+from megatron_rspo.rl.experience import Experience, micro_batch_rows, minibatches
 from megatron_rspo.rl.memory_check import stop_unless_it_fits
 from megatron_rspo.rl.memory_handoff import MemoryHandoff
 from megatron_rspo.rl.metrics import (
@@ -61,6 +62,7 @@ from megatron_rspo.rl.parallel import (
 from megatron_rspo.rl.reference import ReferencePolicy
 from megatron_rspo.rl.reuse import ReuseController
 from megatron_rspo.rl.rollout_phase import RolloutContext, collect_rollout
+from megatron_rspo.rl.run_checks import check_inputs, init_from_conflicts, resume_notes
 from megatron_rspo.rl.step import loss_units, make_old_policy_step, make_train_step, step_options
 from megatron_rspo.stop_signals import StopRequested, StopSignals
 from megatron_rspo.tasks.registry import get_task
@@ -98,6 +100,7 @@ class RLTrainer:
         self.task = get_task(rl.task)
         self.train_set = self.task.load(rl.train_data)
         self.test_set = self.task.load(rl.test_data)[: rl.eval_samples]
+        check_inputs(model_cfg, rl, run, self.tok, self.task, self.train_set, self.test_set)  # before any model
         init_distributed(par, seed=run.seed)
         setup_console_logging()  # again: only rank 0 logs at INFO, now that ranks are known
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -161,6 +164,9 @@ class RLTrainer:
         if self.run.load and checkpoint.latest_iteration(self.run.load) is not None:
             loaded = checkpoint.load_checkpoint(self.run.load, self.engine.module, self.engine.optimizer,
                                                 self.engine.scheduler, model_config=self.model_cfg)
+            saved = checkpoint.read_run_config(loaded.path)
+            for note in resume_notes(self.run.load, saved, to_dict(self.opt, self.rl)):
+                log.warning(note)
             extra = loaded.extra_state
             keys = ("iteration", "data_position", "collapse", "skipped_steps", "reuse")
             self.state = RLState(**{k: extra[k] for k in keys if k in extra})
@@ -170,24 +176,13 @@ class RLTrainer:
             return loaded.rank_state
         return None
 
-    def micro_rows(self, forward_length: int) -> int:
-        """Rows per micro-batch, the same in the old-policy, reference and training passes:
-        --micro-batch-size, or --micro-batch-tokens // forward length, else a mini-batch / --num-microbatches."""
-        rl = self.rl
-        if rl.micro_batch_size:
-            return rl.micro_batch_size
-        if rl.micro_batch_tokens:
-            return max(1, rl.micro_batch_tokens // max(forward_length, 1))
-        rows = rl.rollout_batch_size // self.dp * rl.num_generations // rl.num_minibatches
-        return max(1, rows // self.par.num_microbatches)
-
     # ------------------------------------------------------------------ one iteration
     def old_policy_pass(self, exp: Experience) -> tuple[Experience, dict[str, torch.Tensor]]:
         """Fill log pi_old and the old router log-scores (theta_old = the weights before any update), the
         old-policy experts when the rollout came without routing records, and log pi_ref for the KL term;
         every pass uses the training micro-batch rows. Returns the mismatch / correction statistics."""
         rl, seq = self.rl, exp.tokens.shape[1] - 1
-        rows = self.micro_rows(seq)
+        rows = micro_batch_rows(self.rl, self.par, self.dp, seq)
         if needs_old_pass(rl, self.rollout_engine):
             replay = rl.routing_replay and rl.routing_replay_source == "rollout" and exp.routing_ids is not None
             step = make_old_policy_step(self.opts, need_scores=True, replay_ids=replay)
@@ -211,7 +206,7 @@ class RLTrainer:
         acc, load = MetricAccumulator(), None
         gen = torch.Generator().manual_seed(self.run.seed * 7919 + self.state.iteration)  # host: a permutation
         seq = exp.tokens.shape[1] - 1
-        rows = self.micro_rows(seq)
+        rows = micro_batch_rows(self.rl, self.par, self.dp, seq)
         total = rl.ppo_epochs * rl.num_minibatches
         if self.reuse is not None:
             self.reuse.new_rollout(total)
@@ -388,7 +383,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ns = build_parser().parse_args(argv)
     model_cfg, par, opt, run, rl = (from_args(c, ns) for c in CONFIG_CLASSES)
     # Every problem of the command line at once, before any process group or model exists.
-    validate_rl_run(effective_model_config(model_cfg, rl), par, opt, run, rl, int(os.environ.get("WORLD_SIZE", 1)))
+    policy = effective_model_config(model_cfg, rl)
+    validate_rl_run(policy, par, opt, run, rl, int(os.environ.get("WORLD_SIZE", 1)),
+                    extra=init_from_conflicts(model_cfg, policy, given_flags(build_parser(), argv))
+                    if policy is not model_cfg else ())
     setup_console_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stop = StopSignals().install()  # a signal during the set-up stops the run after its first iteration
