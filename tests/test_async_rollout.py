@@ -177,7 +177,7 @@ def test_reuse_stops_keep_the_lr_schedule_on_rollouts(countdown_data, tmp_path, 
     monkeypatch.setattr(ReuseController, "should_stop", lambda self, stats: record(self, stats) or True)
     seen = {}
     train = trainer.RLTrainer.train
-    monkeypatch.setattr(trainer.RLTrainer, "train", lambda self: seen.setdefault("t", self) and train(self))
+    monkeypatch.setattr(trainer.RLTrainer, "train", lambda self, *a: seen.setdefault("t", self) and train(self, *a))
     trainer.main(_args(countdown_data, tmp_path, "--rl-algorithm", "rspo", "--adaptive-reuse", "--ppo-epochs", "2"))
     assert seen["t"].engine.scheduler.num_steps == 3 * 2 * 2
 
