@@ -10,6 +10,7 @@ rank 0 prints, other ranks only once the process group exists (an error then may
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -74,4 +75,49 @@ def given_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> s
     """The destinations of the flags ``argv`` sets explicitly (a default left alone is not among them)."""
     for action in parser._actions:  # noqa: SLF001 - argparse keeps no public list
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
+    """``parser``'s flags plus ``--config FILE``: a YAML file or a run's ``run_config.json`` supplies values, and
+    flags on the command line override them. Keys are flag names (``lr``, ``rollout-batch-size``), at the top or
+    in sections (``RLConfig: {...}``, as a saved run_config.json has them); an unknown key, a file that does not
+    parse, or one that is not a mapping is one error naming the file."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file or a saved run_config.json with flag values "
+                                                         "(command-line flags override them)")
+    known, _ = parser.parse_known_args(argv)
+    values = config_file_values(known.config, {a.dest for a in parser._actions}) if known.config else {}  # noqa: SLF001
+    parser.set_defaults(**values)
+    ns = parser.parse_args(argv)
+    ns.config_flags = set(values)  # given by the file (given_flags: by the command line)
+    return ns
+
+
+def config_file_values(path: str, dests: set[str]) -> dict[str, Any]:
+    """The flag values of a config file (see ``parse_with_config``), by argparse destination."""
+    from megatron_rspo.errors import ConfigError
+
+    try:
+        with open(path) as fh:
+            text = fh.read()
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (OSError, ValueError) as e:  # unreadable, or JSON that does not parse
+        raise ConfigError(f"--config {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError (not imported unless needed)
+        raise ConfigError(f"--config {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        section = isinstance(value, dict) and key[:1].isupper()  # RLConfig: {...} as in run_config.json
+        for k, v in (value.items() if section else [(key, value)]):
+            flat[k.replace("-", "_").lstrip("_")] = v
+    unknown = sorted(k for k in flat if k not in dests)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown flags {', '.join('--' + k.replace('_', '-') for k in unknown)}")
+    return flat

@@ -20,7 +20,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rspo import checkpoint, distributed
-from megatron_rspo.cli import HelpFormatter, run_cli
+from megatron_rspo.cli import HelpFormatter, parse_with_config, run_cli
 from megatron_rspo.config import (
     ModelConfig,
     OptimConfig,
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> float:
     """Run SFT; returns the final held-out accuracy."""
-    ns = build_parser().parse_args(argv)
+    ns = parse_with_config(build_parser(), argv)
     model_cfg, par, opt, run, sft = (from_args(c, ns) for c in
                                      (ModelConfig, ParallelConfig, OptimConfig, RunConfig, SFTConfig))
     validate_sft_run(model_cfg, par, opt, run, sft, int(os.environ.get("WORLD_SIZE", 1)))

@@ -20,7 +20,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rspo import checkpoint, distributed
-from megatron_rspo.cli import HelpFormatter, given_flags, run_cli
+from megatron_rspo.cli import HelpFormatter, given_flags, parse_with_config, run_cli
 from megatron_rspo.config import (
     ModelConfig,
     OptimConfig,
@@ -380,12 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ns = build_parser().parse_args(argv)
+    ns = parse_with_config(build_parser(), argv)
     model_cfg, par, opt, run, rl = (from_args(c, ns) for c in CONFIG_CLASSES)
     # Every problem of the command line at once, before any process group or model exists.
     policy = effective_model_config(model_cfg, rl)
     validate_rl_run(policy, par, opt, run, rl, int(os.environ.get("WORLD_SIZE", 1)),
-                    extra=init_from_conflicts(model_cfg, policy, given_flags(build_parser(), argv))
+                    extra=init_from_conflicts(model_cfg, policy, given_flags(build_parser(), argv) | ns.config_flags)
                     if policy is not model_cfg else ())
     setup_console_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
