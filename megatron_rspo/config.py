@@ -161,6 +161,11 @@ class RunConfig:
     save_interval: int = arg(0, "Iterations between checkpoint saves (0: save at the end only).")
     keep_last: Optional[int] = arg(None, "Keep only the newest N complete checkpoints (None: keep all).")
     tensorboard_dir: Optional[str] = arg(None, "Write tensorboard logs to this directory.")
+    wandb_project: Optional[str] = arg(None, "Also log to Weights & Biases, in this project (pip install -e .[wandb]).")
+    wandb_run_name: Optional[str] = arg(None, "The W&B run's name (None: W&B picks one).")
+    wandb_mode: Literal["online", "offline"] = arg("online", "offline: write the run to --wandb-dir only (no network; "
+                                                             "upload later with `wandb sync`).")
+    wandb_dir: Optional[str] = arg(None, "Where W&B keeps its files (None: --save, else the current directory).")
     log_interval: int = arg(10, "Iterations between console metric lines.")
     eval_interval: int = arg(0, "Iterations between held-out evaluations (0: none during training).")
     tokenizer_model: Optional[str] = arg(None, "Sentencepiece .model file or Hugging Face tokenizer directory "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -33,12 +34,19 @@ def _scalar(v: Any) -> float:
 class MetricsLogger:
     """``log(step, {"name": value})`` writes tensorboard scalars and keeps the last values."""
 
-    def __init__(self, tensorboard_dir: str | None) -> None:
-        self.writer = None
+    def __init__(self, tensorboard_dir: str | None, run: Any = None, config: Mapping[str, Any] | None = None) -> None:
+        """``run``: the RunConfig (its ``wandb_*`` fields turn W&B on, rank 0 only); ``config``: the run's flags,
+        recorded with the W&B run."""
+        self.writer = self.wandb = None
         if tensorboard_dir and is_rank0():
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tensorboard_dir)
+        if run is not None and getattr(run, "wandb_project", None) and is_rank0():
+            import wandb
+
+            self.wandb = wandb.init(project=run.wandb_project, name=run.wandb_run_name, mode=run.wandb_mode,
+                                    dir=run.wandb_dir or run.save or os.getcwd(), config=dict(config or {}))
         self.last: dict[str, float] = {}
 
     def log(self, step: int, metrics: Mapping[str, Any], console: bool = False, prefix: str = "") -> None:
@@ -48,6 +56,8 @@ class MetricsLogger:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
         if console:
             text = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
             log.info("%sstep %d | %s", prefix, step, text)
@@ -55,6 +65,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 class Progress:

@@ -29,6 +29,7 @@ from megatron_rspo.config import (
     add_dataclass_args,
     arg,
     from_args,
+    to_dict,
 )
 from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> float:
         loaded = checkpoint.load_checkpoint(run.load, engine.module, engine.optimizer, engine.scheduler,
                                             model_config=model_cfg)
         start, stream.position = loaded.iteration, loaded.extra_state.get("data_position", 0)
-    metrics = MetricsLogger(run.tensorboard_dir)
+    metrics = MetricsLogger(run.tensorboard_dir, run, to_dict(model_cfg, par, opt, run, sft))
     log.info("SFT: %d train / %d eval examples, %s params/rank", len(train), len(test),
              f"{count_parameters(engine.module):,}")
     progress = Progress(sft.train_iters, "sft", enabled=run.progress, initial=start)

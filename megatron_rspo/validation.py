@@ -274,6 +274,11 @@ def run_errors(run: RunConfig, check_files: bool = True) -> list[str]:
         errors += _file_errors("--tokenizer-model", run.tokenizer_model, "tokenizer file or directory")
     if check_files and run.load and os.path.exists(run.load) and not os.path.isdir(run.load):
         errors.append(f"--load {run.load}: not a directory")
+    if run.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            errors.append("--wandb-project needs the wandb package: pip install -e .[wandb]")
     if run.save and os.path.exists(run.save) and not os.path.isdir(run.save):
         errors.append(f"--save {run.save}: exists and is not a directory")
     elif run.save and not _writable_dir(run.save):

@@ -45,3 +45,15 @@ def test_a_saved_run_config_repeats_the_run(countdown_data, tmp_path):
     assert json.loads(saved.read_text())["OptimConfig"]["lr"] == 5e-4
     trainer.main(["--config", str(saved), "--save", str(tmp_path / "b"), "--tensorboard-dir", str(tmp_path / "tb_b")])
     assert run_scalars(tmp_path / "tb_a") == run_scalars(tmp_path / "tb_b")
+
+
+def test_wandb_offline_records_the_metrics(countdown_data, tmp_path, monkeypatch):
+    """--wandb-project with --wandb-mode offline: a W&B run on disk, no network; its log holds the metrics."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install -e .[wandb])")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer.main([*_args(countdown_data), "--wandb-project", "rspo-test", "--wandb-mode", "offline",
+                  "--wandb-dir", str(tmp_path), "--wandb-run-name", "first-week"])
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    data = logs[0].read_bytes()
+    assert b"reward/mean" in data and b"policy/loss" in data and b"first-week" in data

@@ -148,7 +148,7 @@ class RLTrainer:
                                      by_position=rl.reuse_by_position) if rl.adaptive_reuse else None
         if self.reuse is not None and self.state.reuse:
             self.reuse.load_state_dict(self.state.reuse)
-        self.metrics = MetricsLogger(run.tensorboard_dir)
+        self.metrics = MetricsLogger(run.tensorboard_dir, run, to_dict(model_cfg, par, opt, run, rl))
 
     # ------------------------------------------------------------------ set-up
     def _load(self) -> dict | None:
