@@ -27,6 +27,18 @@ def test_plot_metrics_writes_pngs(tmp_path):
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 10_000
 
 
+def test_plot_metrics_says_one_line_for_a_folder_without_logs(tmp_path):
+    import pytest
+
+    from megatron_rspo.config import ConfigError
+
+    plot_metrics = load_script("tools/plot_metrics.py")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as err:
+        plot_metrics.main([str(tmp_path / "empty"), "--out", str(tmp_path / "png")])
+    assert "no tensorboard scalars" in str(err.value) and not list((tmp_path / "png").glob("*.png"))
+
+
 def test_overhead_benchmark_runs(tmp_path):
     overhead = load_script("benchmarks/overhead.py")
     results = overhead.main(["--shapes", "small E=8", "--rows", "4", "--seq", "16", "--repeats", "1",

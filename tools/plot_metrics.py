@@ -2,7 +2,8 @@
 
     python tools/plot_metrics.py runs/countdown_tiny/tb/rl_rspo runs/countdown_tiny/tb/rl_grpo --out docs/plots
 
-Writes ``curves.png`` (reward, accuracy, clip fractions, IS-ratio std, gamma, router shift) and
+Writes ``curves.png`` (reward, accuracy, loss, KL, entropy, response length, clip fractions, IS-ratio std,
+gamma, router shift: the panels some run has) and
 ``router_shift_per_layer.png`` (one panel per MoE layer) into ``--out``. A run's label is its
 directory name unless given as ``label=path``.
 """
@@ -19,6 +20,11 @@ from megatron_rspo.config import ConfigError
 PANELS = [
     ("reward/mean", "train reward (mean)"),
     ("eval/accuracy", "held-out accuracy"),
+    ("policy/loss", "policy loss"),
+    ("policy/ppo_kl", "KL to the old policy (per update round)"),
+    ("policy/kl_ref", "KL to the reference"),
+    ("policy/entropy", "entropy"),
+    ("response/length_mean", "response length (tokens)"),
     ("policy/clip_frac_high", "clip fraction (high)"),
     ("policy/clip_frac_low", "clip fraction (low)"),
     ("policy/is_ratio_std", "token IS-ratio std"),
@@ -35,6 +41,8 @@ def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
 
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()
+    if not acc.Tags()["scalars"]:
+        raise ConfigError(f"{logdir}: no tensorboard scalars here (the --tensorboard-dir of a run that logged)")
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
@@ -52,7 +60,8 @@ def parse_runs(specs: list[str]) -> dict[str, str]:
     return runs
 
 
-def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title: str) -> None:
+def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title: str) -> bool:
+    """Write the panels some run has into ``path``; False (nothing written) when no run has any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,7 +69,7 @@ def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title:
 
     panels = [p for p in panels if any(p[0] in data for data in runs.values())]
     if not panels:
-        return
+        return False
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
@@ -82,6 +91,7 @@ def plot(runs: dict[str, dict], panels: list[tuple[str, str]], path: str, title:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -94,8 +104,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     data = {label: read_scalars(path) for label, path in parse_runs(args.runs).items()}
     written = []
     curves = os.path.join(args.out, "curves.png")
-    plot(data, PANELS, curves, args.title)
-    written.append(curves)
+    if plot(data, PANELS, curves, args.title):
+        written.append(curves)
     layer_tags = sorted({t for d in data.values() for t in d if re.fullmatch(r"router/shift_layer_\d+", t)},
                         key=lambda t: int(t.rsplit("_", 1)[1]))
     if layer_tags:
@@ -103,6 +113,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         plot(data, [(t, t.replace("router/shift_", "router shift, ")) for t in layer_tags], per_layer,
              f"{args.title}: router shift per MoE layer")
         written.append(per_layer)
+    if not written:
+        raise ConfigError(f"none of {', '.join(data)} has the RL metrics plotted here (reward, accuracy, loss, ...)")
     for w in written:
         print(w)
     return written
