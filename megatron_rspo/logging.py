@@ -91,3 +91,11 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def run_summary(last: Mapping[str, float], iterations: int, seconds: float, save: str | None) -> str:
+    """The end-of-run line: iterations, time, the last reward and accuracies, where the checkpoint is."""
+    keys = ("reward/mean", "reward/accuracy", "eval/accuracy")
+    parts = [f"{k} {last[k]:.4g}" for k in keys if k in last]
+    where = f"; checkpoint in {save}" if save else "; no checkpoint (no --save)"
+    return f"run finished: {iterations} iterations in {seconds / 60:.1f} min; " + ", ".join(parts) + where

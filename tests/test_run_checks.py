@@ -43,9 +43,11 @@ def test_prompts_past_the_positions_name_the_longest(countdown_data, monkeypatch
 
 def test_resuming_a_finished_run_or_with_changed_flags(countdown_data, tmp_path, caplog):
     run = tmp_path / "run"
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         trainer.main(_args(countdown_data, "--save", str(run), "--load", str(run)))  # a fresh run: said so
     assert f"--load {run} does not exist: starting a new run" in caplog.text
+    assert f"checkpoint saved: {run}/iter_0000001" in caplog.text
+    assert "run finished: 1 iterations in" in caplog.text and f"checkpoint in {run}" in caplog.text
     with pytest.raises(ConfigError) as err:
         trainer.main(_args(countdown_data, "--load", str(run)))
     assert "already reached iteration 1 (--train-iters 1): nothing to train" in str(err.value)

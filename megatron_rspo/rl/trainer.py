@@ -34,7 +34,7 @@ from megatron_rspo.data import ShuffledStream
 from megatron_rspo.engine import Engine
 from megatron_rspo.errors import RunStopped
 from megatron_rspo.evaluation import evaluate_task
-from megatron_rspo.logging import MetricsLogger, Progress, log, setup_console_logging
+from megatron_rspo.logging import MetricsLogger, Progress, log, run_summary, setup_console_logging
 from megatron_rspo.memory import phase_memory
 from megatron_rspo.model.provider import init_distributed, num_moe_layers, shutdown_distributed
 from megatron_rspo.model.routing import frozen_router
@@ -276,7 +276,7 @@ class RLTrainer:
             self.rollout_engine.shutdown()
 
     def _train(self, stop: StopSignals) -> dict[str, float]:
-        rl, run = self.rl, self.run
+        rl, run, started = self.rl, self.run, time.time()
         progress = Progress(rl.train_iters, f"rl[{rl.rl_algorithm}]", enabled=run.progress,
                             initial=self.state.iteration)
         last: dict[str, float] = {}
@@ -328,6 +328,7 @@ class RLTrainer:
                 raise StopRequested(f"stopped by {StopSignals.name(signum)} after iteration {it}; {where}", signum)
         progress.close()
         self.metrics.close()
+        log.info("%s", run_summary(last, self.state.iteration, time.time() - started, run.save))
         return last
 
     def _collapse_check(self, stats: dict[str, float]) -> bool:
@@ -344,10 +345,11 @@ class RLTrainer:
                  "reuse": self.reuse.state_dict() if self.reuse is not None else None}
         # The off-policy schedule's rollouts generated ahead (with older weights) travel with the checkpoint.
         pending = pending_state(self.queue, self.stream.position) if self.rl.async_rollout else None
-        checkpoint.save_checkpoint(self.run.save, self.state.iteration, self.engine.module, self.engine.optimizer,
-                                   self.engine.scheduler, extra_state=extra, rank_state=pending,
-                                   configs=(self.model_cfg, self.par, self.opt, self.run, self.rl),
-                                   keep_last=self.run.keep_last)
+        path = checkpoint.save_checkpoint(self.run.save, self.state.iteration, self.engine.module,
+                                          self.engine.optimizer, self.engine.scheduler, extra_state=extra,
+                                          rank_state=pending, configs=(self.model_cfg, self.par, self.opt, self.run,
+                                                                       self.rl), keep_last=self.run.keep_last)
+        log.info("checkpoint saved: %s", path)
 
 
 def _reuse_signals(metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
