@@ -33,6 +33,7 @@ drops the attention probabilities.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 PER_LAYER = {"h": 8.24, "kv": 4.09, "a_s": 1.00, "k_h": 1.04, "k_f": 6.05, "E": 2.42}
 LOGIT_COPIES = 2.0  # fp32 [tokens, V/TP] buffers alive at the loss's peak (standard log-prob path)
@@ -50,6 +51,15 @@ class LayerShape:
     topk: int
     expert_ffn: int  # routed expert width (dense MLP width when experts == 0)
     shared_ffn: int = 0  # shared expert width (Qwen2-MoE)
+
+
+def layer_shape(model: Any) -> LayerShape:
+    """The planner's view of one decoder layer of a ModelConfig."""
+    heads = model.num_attention_heads
+    return LayerShape(hidden=model.hidden_size, heads=heads, query_groups=model.num_query_groups or heads,
+                      head_dim=model.kv_channels or model.hidden_size // heads, experts=model.num_experts or 0,
+                      topk=model.moe_router_topk, expert_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+                      shared_ffn=model.moe_shared_expert_intermediate_size or 0)
 
 
 def per_token_layer_elements(s: LayerShape, seq: int, flash: bool, selective_recompute: bool = False) -> float:

@@ -43,14 +43,9 @@ LAYOUTS = (
 
 def plan_inputs_for(model: ModelConfig, par: ParallelConfig, world: int, rows: int, seq: int, **kw) -> PlanInputs:
     """The planner's inputs for this process's share of ``model`` (parallel state initialised)."""
-    from megatron_rspo.planning.activations import LayerShape
+    from megatron_rspo.planning.activations import layer_shape
 
-    share = current_share(model, par)
-    heads = model.num_attention_heads
-    shape = LayerShape(hidden=model.hidden_size, heads=heads, query_groups=model.num_query_groups or heads,
-                       head_dim=model.kv_channels or model.hidden_size // heads, experts=model.num_experts or 0,
-                       topk=model.moe_router_topk, expert_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size,
-                       shared_ffn=model.moe_shared_expert_intermediate_size or 0)
+    share, shape = current_share(model, par), layer_shape(model)
     return PlanInputs(share=share, shape=shape, layers=model.num_layers // par.pipeline_model_parallel_size,
                       world=world, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                       ep=par.expert_model_parallel_size, etp=par.expert_tp(), bf16=model.bf16,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from megatron_rspo import distributed
 from megatron_rspo.config import ModelConfig, ParallelConfig, RunConfig
-from megatron_rspo.rl.config import RLConfig, correction_config, overlaps_generation, rollout_ranks_per_engine
+from megatron_rspo.rl.config import RLConfig, correction_config, rollout_ranks_per_engine, rollout_sleep_level
 from megatron_rspo.rl.corrections import get_rollout_correction
 from megatron_rspo.rl.experience import Experience
 from megatron_rspo.rl.mismatch import mismatch_stats
@@ -39,9 +39,7 @@ def vllm_engine_config(rl: RLConfig, run: RunConfig, par: ParallelConfig, cuda: 
     per_engine = rollout_ranks_per_engine(rl, par, world)
     engine_tp = rl.rollout_tensor_parallel_size or par.tensor_model_parallel_size
     reserved = parse_devices(rl.rollout_devices) if rl.rollout_devices else None
-    sleep = rl.rollout_sleep_level
-    if sleep is None:  # colocated on GPUs, taking turns: the trainer gets the engine's memory back while it trains
-        sleep = 2 if cuda and reserved is None and not overlaps_generation(rl, world) else 0
+    sleep = rollout_sleep_level(rl, cuda, world)
     return VLLMEngineConfig(dtype=rl.rollout_dtype, kv_cache_gib=rl.vllm_kv_cache_gib,
                             gpu_memory_utilization=rl.vllm_gpu_memory_utilization, bucket_mb=rl.weight_sync_bucket_mb,
                             seed=run.seed, enforce_eager=eager, ranks_per_engine=per_engine,

@@ -266,6 +266,14 @@ def overlaps_generation(rl: RLConfig, world: int) -> bool:
             and (world == 1 or rl.rollout_devices is not None))
 
 
+def rollout_sleep_level(rl: RLConfig, cuda: bool, world: int) -> int:
+    """--rollout-sleep-level in effect: the flag, else 2 for colocated engines on GPUs that take turns with the
+    trainer (the sync reloads the weights anyway), else 0."""
+    if rl.rollout_sleep_level is not None:
+        return rl.rollout_sleep_level
+    return 2 if cuda and rl.rollout_devices is None and not overlaps_generation(rl, world) else 0
+
+
 def handoff_errors(rl: RLConfig, model: Optional[ModelConfig] = None, world: Optional[int] = None) -> list[str]:
     """Problems of the memory-handoff and engine-device flags."""
     from megatron_rspo.rollout.placement import parse_devices

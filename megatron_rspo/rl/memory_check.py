@@ -13,21 +13,13 @@ from typing import Optional
 from megatron_rspo import distributed
 from megatron_rspo.capabilities import probe
 from megatron_rspo.config import ModelConfig, OptimConfig, ParallelConfig, add_dataclass_args, from_args
-from megatron_rspo.planning.activations import LayerShape
+from megatron_rspo.planning.activations import layer_shape
 from megatron_rspo.planning.plan import GIB, MemoryPlan, PlanInputs, estimate, largest_micro_batch
 from megatron_rspo.planning.shares import RankShare
-from megatron_rspo.rl.config import RLConfig, overlaps_generation, rollout_ranks_per_engine
+from megatron_rspo.rl.config import RLConfig, rollout_ranks_per_engine, rollout_sleep_level
 from megatron_rspo.rl.experience import micro_batch_rows
 
 PROMPT_TOKENS = 256  # a forward's prompt part when the caller does not say (MATH-style prompts)
-
-
-def layer_shape(model: ModelConfig) -> LayerShape:
-    heads = model.num_attention_heads
-    return LayerShape(hidden=model.hidden_size, heads=heads, query_groups=model.num_query_groups or heads,
-                      head_dim=model.kv_channels or model.hidden_size // heads, experts=model.num_experts or 0,
-                      topk=model.moe_router_topk, expert_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size,
-                      shared_ffn=model.moe_shared_expert_intermediate_size or 0)
 
 
 def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: RLConfig, world: int,
@@ -47,9 +39,7 @@ def plan_inputs(model: ModelConfig, par: ParallelConfig, opt: OptimConfig, rl: R
         per = rollout_ranks_per_engine(rl, par, world)
         weights //= per
         engine_share = (weights + rl.vllm_kv_cache_gib * GIB / per) / (gpu_gib * GIB)
-    sleep = rl.rollout_sleep_level
-    if sleep is None:
-        sleep = 2 if cuda and rl.rollout_devices is None and not overlaps_generation(rl, world) else 0
+    sleep = rollout_sleep_level(rl, cuda, world)
     return PlanInputs(
         share=share, shape=layer_shape(model), layers=model.num_layers // par.pipeline_model_parallel_size,
         world=world, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
