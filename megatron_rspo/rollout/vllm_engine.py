@@ -176,11 +176,11 @@ class VLLMEngine:
         if "weights" in self.asleep and self.llm is not None:
             self.llm.wake_up(tags=["weights"])
             self.asleep.discard("weights")
-        self.sync.push(model, self.llm, version)
+        seconds = self.sync.push(model, self.llm, version).seconds
         self.weights_dropped = False
         self.weight_version = version
-        self.sync_seconds.append(self.sync.stats.seconds)
-        return self.sync.stats.seconds
+        self.sync_seconds.append(seconds)
+        return seconds
 
     @property
     def can_sleep(self) -> bool:

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -41,11 +41,6 @@ class SyncStats:
     collect_seconds: float = 0.0
     stage_seconds: float = 0.0
     wait_seconds: float = 0.0
-    history: list[float] = field(default_factory=list)
-
-    @property
-    def transfer_seconds(self) -> float:
-        return self.seconds - self.engine_load_seconds
 
 
 def unit_buckets(units: Iterator[tuple[Any, dict[str, torch.Tensor]]], limit: int,
@@ -83,7 +78,7 @@ class WeightSync:
     def push(self, model: Any, llm: Any, version: int) -> SyncStats:
         """The weights of ``model`` into every engine (collective); returns this sync's statistics."""
         t0 = time.perf_counter()
-        stats = SyncStats(history=self.stats.history)
+        stats = SyncStats()
         if self.mode == "handles":
             self._push_handles(model, llm, stats)
         else:
@@ -94,7 +89,6 @@ class WeightSync:
             if not llm.reset_prefix_cache():
                 raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync")
         stats.seconds = time.perf_counter() - t0
-        stats.history.append(stats.seconds)
         self.stats = stats
         return stats
 
